@@ -1,0 +1,703 @@
+"""Frozen architecture specs: the one language every part of aanas speaks.
+
+An :class:`ArchSpec` describes a whole network (MnasNet, ResNet or CIFAR Wide-ResNet) as data:
+stem, stages of :class:`BlockSpec`, head, and per block an optional :class:`AASpec` that
+attention-augments the block's spatial convolution (Bello et al., *Attention Augmented
+Convolutional Networks*, ICCV 2019, arXiv:1904.09925). Specs are hashable (cost caches and
+latency tables key on them), round-trip exactly through a compact string codec in the spirit of
+timm's block strings, and through a plain-dict codec for JSON/YAML.
+
+This module is layer L0: it never imports torch, so a search can decode, validate and cost a
+candidate in microseconds, before any model exists.
+
+String grammar (``encode``/``decode``)::
+
+    <family>:<globals>:<stem>:<stage>/<stage>/...:<head>
+    globals  i<input size>_n<num classes>_w<width multiplier>_d<dropout>
+    stem     <conv|resnet|plain>_c<channels>_k<kernel>_s<stride>[_<act>]
+    stage    <block>,<block>,...
+    block    <ds|ir|basic|bottle|preact>_r<repeats>_k<kernel>_s<stride>_e<expansion>_c<out>
+             [_se<ratio>][_<act>][_noskip][_aa<kappa>-<upsilon>-<heads>[-abs][-d<min dk/head>]]
+    head     c<channels>   (c0: no head convolution)
+
+Example (MnasNet-B1, torchvision's ``mnasnet1_0``)::
+
+    mnasnet:i224_n1000_w1_d0.2:conv_c32_k3_s2:ds_r1_k3_s1_e1_c16_noskip/ir_r3_k3_s2_e3_c24/
+    ir_r3_k5_s2_e3_c40/ir_r3_k5_s2_e6_c80/ir_r2_k3_s1_e6_c96/ir_r4_k5_s2_e6_c192/
+    ir_r1_k3_s1_e6_c320:c1280
+
+Which convolution attention augments (``BlockSpec.aa``):
+
+- ``ir`` (MnasNet inverted bottleneck) and ``ds`` (depthwise-separable): the depthwise k x k
+  stage. It produces ``C_exp - dv`` channels from the first ``C_exp - dv`` expanded channels, and
+  an attention branch reading the whole expanded tensor produces ``dv`` channels; the two are
+  concatenated. The AA paper does not say where its MnasNet blocks are augmented; this is our
+  documented default (see ``aanas.models.mnasnet``).
+- ``bottle`` (ResNet bottleneck): the 3x3 convolution, as in the paper's ResNet experiments.
+- ``basic`` and ``preact`` (ResNet basic / Wide-ResNet blocks): the first 3x3 convolution of the
+  block, as in the paper's CIFAR Wide-ResNet experiment.
+
+kappa = dk / Fout and upsilon = dv / Fout, where Fout is the augmented conv's output channels;
+:func:`aa_channels` turns them into integers divisible by the number of heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "ACTIVATIONS",
+    "BLOCK_TYPES",
+    "FAMILIES",
+    "MAX_AA_RESOLUTION",
+    "STEM_TYPES",
+    "AASpec",
+    "ArchSpec",
+    "BlockSpec",
+    "ResolvedArch",
+    "ResolvedBlock",
+    "StemSpec",
+    "aa_channels",
+    "decode",
+    "encode",
+    "from_dict",
+    "resolve",
+    "round_channels",
+    "to_dict",
+]
+
+FAMILIES: tuple[str, ...] = ("mnasnet", "resnet", "wrn")
+BLOCK_TYPES: tuple[str, ...] = ("ds", "ir", "basic", "bottle", "preact")
+STEM_TYPES: tuple[str, ...] = ("conv", "resnet", "plain")
+ACTIVATIONS: tuple[str, ...] = ("relu", "relu6", "swish", "hswish")
+# Block types each family's builder knows how to stack.
+_FAMILY_BLOCKS: dict[str, tuple[str, ...]] = {
+    "mnasnet": ("ds", "ir"),
+    "resnet": ("basic", "bottle"),
+    "wrn": ("preact",),
+}
+# Attention over an (H*W) x (H*W) logit matrix grows as (HW)^2: at 64x64 one head of one image
+# already holds 16.8M logits. The paper augments maps of 32x32 (CIFAR) down to 7x7 (ImageNet).
+MAX_AA_RESOLUTION = 64
+
+
+# --- value objects --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AASpec:
+    """Attention augmentation of one block's spatial convolution (Bello et al., Sec. 3)."""
+
+    kappa: float  # dk / Fout: key/query depth as a fraction of the conv's output channels
+    upsilon: float  # dv / Fout: share of output channels produced by attention
+    heads: int  # Nh; dk and dv are rounded to multiples of it
+    relative: bool = True  # 2-D relative position logits (the paper's default)
+    min_key_depth: int = 0  # lower bound on dk / Nh (the paper's CIFAR WRN uses 20)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """A run of ``repeats`` identical blocks; only the first one uses ``stride``."""
+
+    type: str  # one of BLOCK_TYPES
+    out_channels: int  # before the width multiplier
+    repeats: int = 1
+    kernel: int = 3  # spatial kernel of the depthwise / 3x3 conv
+    stride: int = 1
+    # ir: expanded = in * e; bottle: width = out * e (0.25 in ResNet); ds/basic/preact: 1
+    expansion: float = 1.0
+    se: float = 0.0  # squeeze-excitation ratio of the block input channels; 0 = off
+    act: str = "relu"
+    skip: bool = True  # residual connection where shapes allow it
+    aa: AASpec | None = None
+
+
+@dataclass(frozen=True)
+class StemSpec:
+    """First layer(s) of the network."""
+
+    # conv: conv-BN-act; resnet: 7x7/2 conv-BN-ReLU + 3x3/2 max-pool; plain: conv only (WRN)
+    type: str = "conv"
+    channels: int = 32
+    kernel: int = 3
+    stride: int = 2
+    act: str = "relu"
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """A whole network as data. Build it with ``aanas.create_model(spec)``."""
+
+    family: str  # one of FAMILIES: picks the builder (stem/head layout, block kinds)
+    stem: StemSpec
+    stages: tuple[tuple[BlockSpec, ...], ...]
+    head_channels: int = 0  # 1x1 conv before pooling (MnasNet: 1280); 0 = none
+    num_classes: int = 1000
+    input_size: int = 224  # square input; sets the AA relative tables' maximum size
+    width: float = 1.0  # channel multiplier (MnasNet rule: multiples of 8, see round_channels)
+    dropout: float = 0.0  # before the classifier
+
+    def encode(self) -> str:
+        """Canonical string form (see module docstring); ``decode(s.encode()) == s``."""
+        return encode(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form for JSON/YAML."""
+        return to_dict(self)
+
+    def digest(self) -> str:
+        """Stable 16-hex-digit hash of the canonical string: a cache key across runs."""
+        return hashlib.sha256(encode(self).encode()).hexdigest()[:16]
+
+    def validate(self) -> ArchSpec:
+        """Raise ``ValueError`` naming the block and field of the first invalid value."""
+        resolve(self)
+        return self
+
+    def blocks(self) -> Iterator[tuple[str, BlockSpec]]:
+        """``("stage<i>.block<j>", block)`` pairs in network order (0-based)."""
+        for i, stage in enumerate(self.stages):
+            for j, block in enumerate(stage):
+                yield f"stage{i}.block{j}", block
+
+    def scale(self, width: float | None = None, depth: float | None = None) -> ArchSpec:
+        """Scaled copy: ``width`` replaces the channel multiplier, ``depth`` multiplies repeats.
+
+        Repeats are rounded up, as in EfficientNet's depth scaling (``ceil(r * depth)``).
+        """
+        spec = self
+        if width is not None:
+            spec = dataclasses.replace(spec, width=float(width))
+        if depth is not None:
+            if depth <= 0:
+                raise ValueError(f"depth multiplier must be > 0, got {depth}")
+            stages = tuple(
+                tuple(dataclasses.replace(b, repeats=math.ceil(b.repeats * depth)) for b in st)
+                for st in spec.stages
+            )
+            spec = dataclasses.replace(spec, stages=stages)
+        return spec.validate()
+
+    def __str__(self) -> str:
+        return encode(self)
+
+
+# --- channel arithmetic ---------------------------------------------------------------------
+
+
+def round_channels(channels: float, divisor: int = 8, round_up_bias: float = 0.9) -> int:
+    """Round a scaled channel count to a multiple of ``divisor`` (torchvision MnasNet rule).
+
+    Rounds to the nearest multiple, but never more than 10 % down: 83 -> 80, 84 -> 88, and
+    24 * 0.75 = 18 -> 16 is 11 % down (16 < 0.9 * 18 = 16.2), so 18 -> 24.
+    """
+    rounded = max(divisor, int(channels + divisor / 2) // divisor * divisor)
+    return rounded if rounded >= round_up_bias * channels else rounded + divisor
+
+
+def aa_channels(
+    out_channels: int, kappa: float, upsilon: float, num_heads: int, min_key_depth: int = 0
+) -> tuple[int, int]:
+    """The paper's kappa = dk/Fout and upsilon = dv/Fout as integer (dk, dv).
+
+    Both are rounded to the nearest multiple of ``num_heads`` (at least one channel per head),
+    then dk is raised to ``min_key_depth * num_heads``. Example: Fout = 256, kappa = 0.2,
+    upsilon = 0.1, Nh = 8: dk = round(51.2 / 8) * 8 = 48, dv = round(25.6 / 8) * 8 = 24.
+
+    Raises:
+        ValueError: kappa or upsilon outside (0, 1], heads < 1, or dv > Fout.
+    """
+    if not 0.0 < kappa <= 1.0:
+        raise ValueError(f"kappa must be in (0, 1], got {kappa}")
+    if not 0.0 < upsilon <= 1.0:
+        raise ValueError(f"upsilon must be in (0, 1], got {upsilon}")
+    if num_heads < 1:
+        raise ValueError(f"heads must be >= 1, got {num_heads}")
+    if out_channels < 1:
+        raise ValueError(f"out_channels must be >= 1, got {out_channels}")
+    dk = max(num_heads, _round_half_up(kappa * out_channels / num_heads) * num_heads)
+    dk = max(dk, min_key_depth * num_heads)
+    dv = max(num_heads, _round_half_up(upsilon * out_channels / num_heads) * num_heads)
+    if dv > out_channels:
+        raise ValueError(
+            f"dv={dv} (upsilon={upsilon}, heads={num_heads}) exceeds the conv's "
+            f"{out_channels} output channels"
+        )
+    return dk, dv
+
+
+def _round_half_up(x: float) -> int:
+    """0.5 -> 1, 2.5 -> 3 (Python's round() would give 0 and 2)."""
+    return int(math.floor(x + 0.5))
+
+
+# --- resolution into concrete layers ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResolvedBlock:
+    """One concrete block after width scaling and repeat expansion: all integers."""
+
+    name: str  # "stage<i>.block<j>.<k>" (k-th repeat)
+    type: str
+    in_channels: int
+    mid_channels: int  # ir: expanded; bottle: bottleneck width; others: out_channels
+    out_channels: int
+    kernel: int
+    stride: int
+    in_size: int  # spatial side of the block input
+    out_size: int
+    se_channels: int  # squeeze width; 0 = no SE
+    act: str
+    residual: bool  # identity/projection shortcut actually added
+    dk: int  # 0 when not augmented
+    dv: int
+    heads: int
+    relative: bool
+
+
+@dataclass(frozen=True)
+class ResolvedArch:
+    """The concrete layer plan the builder, cost model and supernet all share."""
+
+    spec: ArchSpec
+    stem_channels: int
+    stem_out_size: int
+    blocks: tuple[ResolvedBlock, ...]
+    head_channels: int
+    features: int  # channels entering the classifier
+
+
+def _conv_out(size: int, stride: int) -> int:
+    """Output side of a 'same'-padded conv: ceil(size / stride) (padding = k // 2, odd k)."""
+    return -(-size // stride)
+
+
+def resolve(spec: ArchSpec) -> ResolvedArch:
+    """Validate ``spec`` and expand it into concrete per-block channels and sizes.
+
+    Raises:
+        ValueError: naming the block (``stage2.block0``) and field of the first invalid value.
+    """
+    _check_globals(spec)
+    width = spec.width
+    stem_c = round_channels(spec.stem.channels * width) if width != 1.0 else spec.stem.channels
+    size = _conv_out(spec.input_size, spec.stem.stride)
+    if spec.stem.type == "resnet":
+        size = _conv_out(size, 2)  # 3x3/2 max-pool
+    stem_size = size
+    in_c = stem_c
+    out: list[ResolvedBlock] = []
+    for name, block in spec.blocks():
+        _check_block(spec, name, block)
+        out_c = round_channels(block.out_channels * width) if width != 1.0 else block.out_channels
+        for k in range(block.repeats):
+            stride = block.stride if k == 0 else 1
+            out_size = _conv_out(size, stride)
+            resolved = _resolve_one(f"{name}.{k}", block, in_c, out_c, stride, size, out_size)
+            out.append(resolved)
+            in_c, size = out_c, out_size
+    head_c = spec.head_channels
+    return ResolvedArch(
+        spec=spec,
+        stem_channels=stem_c,
+        stem_out_size=stem_size,
+        blocks=tuple(out),
+        head_channels=head_c,
+        features=head_c if head_c > 0 else in_c,
+    )
+
+
+def _resolve_one(
+    name: str, b: BlockSpec, in_c: int, out_c: int, stride: int, size: int, out_size: int
+) -> ResolvedBlock:
+    where = name.rsplit(".", 1)[0]
+    if b.type == "ir":
+        mid = _round_half_up(in_c * b.expansion)
+        aug_c = mid  # the depthwise stage
+    elif b.type == "ds":
+        mid = in_c
+        aug_c = in_c
+    elif b.type == "bottle":
+        mid = _round_half_up(out_c * b.expansion)
+        aug_c = mid
+    else:  # basic, preact: first 3x3 conv maps in -> out
+        mid = out_c
+        aug_c = out_c
+    if mid < 1:
+        raise ValueError(f"{where}: expansion={b.expansion} gives {mid} channels")
+    # ResNet-style blocks add a projection shortcut when shapes change; MnasNet blocks only
+    # add the identity, where shapes allow it.
+    residual = b.skip and (
+        (stride == 1 and in_c == out_c) or b.type in ("basic", "bottle", "preact")
+    )
+    se_c = max(1, int(in_c * b.se)) if b.se > 0 else 0
+    dk = dv = heads = 0
+    relative = False
+    if b.aa is not None:
+        if out_size > MAX_AA_RESOLUTION:
+            raise ValueError(
+                f"{where}.aa: attention on a {out_size}x{out_size} feature map exceeds the "
+                f"supported maximum {MAX_AA_RESOLUTION}x{MAX_AA_RESOLUTION}"
+            )
+        try:
+            dk, dv = aa_channels(aug_c, b.aa.kappa, b.aa.upsilon, b.aa.heads, b.aa.min_key_depth)
+        except ValueError as exc:
+            raise ValueError(f"{where}.aa: {exc}") from None
+        heads, relative = b.aa.heads, b.aa.relative
+    return ResolvedBlock(
+        name=name,
+        type=b.type,
+        in_channels=in_c,
+        mid_channels=mid,
+        out_channels=out_c,
+        kernel=b.kernel,
+        stride=stride,
+        in_size=size,
+        out_size=out_size,
+        se_channels=se_c,
+        act=b.act,
+        residual=residual,
+        dk=dk,
+        dv=dv,
+        heads=heads,
+        relative=relative,
+    )
+
+
+def _check_globals(spec: ArchSpec) -> None:
+    if spec.family not in FAMILIES:
+        raise ValueError(f"family: unknown family {spec.family!r}; expected one of {FAMILIES}")
+    _check_int("input_size", spec.input_size, 1)
+    _check_int("num_classes", spec.num_classes, 1)
+    _check_int("head_channels", spec.head_channels, 0)
+    if not (isinstance(spec.width, float | int) and spec.width > 0):
+        raise ValueError(f"width: must be a number > 0, got {spec.width!r}")
+    if not (isinstance(spec.dropout, float | int) and 0.0 <= spec.dropout < 1.0):
+        raise ValueError(f"dropout: must be in [0, 1), got {spec.dropout!r}")
+    stem = spec.stem
+    if stem.type not in STEM_TYPES:
+        raise ValueError(f"stem.type: unknown stem {stem.type!r}; expected one of {STEM_TYPES}")
+    _check_int("stem.channels", stem.channels, 1)
+    _check_kernel("stem.kernel", stem.kernel)
+    if stem.stride not in (1, 2):
+        raise ValueError(f"stem.stride: must be 1 or 2, got {stem.stride!r}")
+    if stem.act not in ACTIVATIONS:
+        raise ValueError(f"stem.act: unknown activation {stem.act!r}; expected {ACTIVATIONS}")
+    if not spec.stages or not all(spec.stages):
+        raise ValueError("stages: need at least one stage, each with at least one block")
+
+
+def _check_block(spec: ArchSpec, name: str, b: BlockSpec) -> None:
+    allowed = _FAMILY_BLOCKS[spec.family]
+    if b.type not in allowed:
+        raise ValueError(
+            f"{name}.type: block {b.type!r} is not allowed in family {spec.family!r}; "
+            f"expected one of {allowed}"
+        )
+    _check_int(f"{name}.out_channels", b.out_channels, 1)
+    _check_int(f"{name}.repeats", b.repeats, 1)
+    _check_kernel(f"{name}.kernel", b.kernel)
+    if b.stride not in (1, 2):
+        raise ValueError(f"{name}.stride: must be 1 or 2, got {b.stride!r}")
+    if not (isinstance(b.expansion, float | int) and b.expansion > 0):
+        raise ValueError(f"{name}.expansion: must be > 0, got {b.expansion!r}")
+    if b.type in ("ds", "basic", "preact") and b.expansion != 1:
+        raise ValueError(f"{name}.expansion: {b.type!r} blocks take e1, got {b.expansion!r}")
+    if not (isinstance(b.se, float | int) and 0.0 <= b.se < 1.0):
+        raise ValueError(f"{name}.se: ratio must be in [0, 1), got {b.se!r}")
+    if b.se > 0 and b.type not in ("ir", "ds"):
+        raise ValueError(f"{name}.se: squeeze-excitation is supported in ir/ds blocks only")
+    if b.act not in ACTIVATIONS:
+        raise ValueError(f"{name}.act: unknown activation {b.act!r}; expected {ACTIVATIONS}")
+    if b.aa is not None:
+        aa = b.aa
+        if not (isinstance(aa.kappa, float | int) and 0.0 < aa.kappa <= 1.0):
+            raise ValueError(f"{name}.aa.kappa: must be in (0, 1], got {aa.kappa!r}")
+        if not (isinstance(aa.upsilon, float | int) and 0.0 < aa.upsilon <= 1.0):
+            raise ValueError(f"{name}.aa.upsilon: must be in (0, 1], got {aa.upsilon!r}")
+        _check_int(f"{name}.aa.heads", aa.heads, 1)
+        _check_int(f"{name}.aa.min_key_depth", aa.min_key_depth, 0)
+
+
+def _check_int(field_name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{field_name}: must be an integer >= {low}, got {value!r}")
+
+
+def _check_kernel(field_name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
+        raise ValueError(f"{field_name}: must be an odd integer >= 1, got {value!r}")
+
+
+# --- string codec ---------------------------------------------------------------------------
+
+
+def _fmt(x: float) -> str:
+    """Shortest exact decimal form: 6.0 -> '6', 0.25 -> '0.25' (repr round-trips floats)."""
+    if float(x).is_integer():
+        return str(int(x))
+    return repr(float(x))
+
+
+def _encode_aa(aa: AASpec) -> str:
+    text = f"aa{_fmt(aa.kappa)}-{_fmt(aa.upsilon)}-{aa.heads}"
+    if not aa.relative:
+        text += "-abs"
+    if aa.min_key_depth:
+        text += f"-d{aa.min_key_depth}"
+    return text
+
+
+def _encode_block(b: BlockSpec) -> str:
+    tokens = [
+        b.type,
+        f"r{b.repeats}",
+        f"k{b.kernel}",
+        f"s{b.stride}",
+        f"e{_fmt(b.expansion)}",
+        f"c{b.out_channels}",
+    ]
+    if b.se:
+        tokens.append(f"se{_fmt(b.se)}")
+    if b.act != "relu":
+        tokens.append(b.act)
+    if not b.skip:
+        tokens.append("noskip")
+    if b.aa is not None:
+        tokens.append(_encode_aa(b.aa))
+    return "_".join(tokens)
+
+
+def encode(spec: ArchSpec) -> str:
+    """Canonical string of ``spec`` (grammar in the module docstring)."""
+    glob = f"i{spec.input_size}_n{spec.num_classes}_w{_fmt(spec.width)}_d{_fmt(spec.dropout)}"
+    st = spec.stem
+    stem = f"{st.type}_c{st.channels}_k{st.kernel}_s{st.stride}"
+    if st.act != "relu":
+        stem += f"_{st.act}"
+    stages = "/".join(",".join(_encode_block(b) for b in stage) for stage in spec.stages)
+    return f"{spec.family}:{glob}:{stem}:{stages}:c{spec.head_channels}"
+
+
+def _parse_number(field_name: str, text: str, kind: type) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ValueError(f"{field_name}: cannot parse {text!r} as {kind.__name__}") from None
+    if kind is float and not math.isfinite(value):
+        raise ValueError(f"{field_name}: must be finite, got {text!r}")
+    return value
+
+
+def _split_tokens(where: str, text: str) -> list[str]:
+    tokens = text.split("_")
+    if any(not t for t in tokens):
+        raise ValueError(f"{where}: empty token in {text!r}")
+    return tokens
+
+
+# Keyed tokens of a block string: prefix -> (BlockSpec field, type).
+_BLOCK_KEYS: dict[str, tuple[str, type]] = {
+    "r": ("repeats", int),
+    "k": ("kernel", int),
+    "s": ("stride", int),
+    "e": ("expansion", float),
+    "c": ("out_channels", int),
+    "se": ("se", float),
+}
+
+
+def _decode_aa(where: str, token: str) -> AASpec:
+    parts = token[2:].split("-")
+    if len(parts) < 3:
+        raise ValueError(f"{where}: AA token {token!r} must be aa<kappa>-<upsilon>-<heads>")
+    kappa = _parse_number(f"{where}.aa.kappa", parts[0], float)
+    upsilon = _parse_number(f"{where}.aa.upsilon", parts[1], float)
+    heads = _parse_number(f"{where}.aa.heads", parts[2], int)
+    relative, min_key_depth = True, 0
+    seen: set[str] = set()
+    for opt in parts[3:]:
+        key = "abs" if opt == "abs" else opt[:1]
+        if key in seen:
+            raise ValueError(f"{where}: duplicate AA option {opt!r} in {token!r}")
+        seen.add(key)
+        if opt == "abs":
+            relative = False
+        elif opt.startswith("d") and opt[1:].isdigit():
+            min_key_depth = int(opt[1:])
+        else:
+            raise ValueError(f"{where}: unknown AA option {opt!r} in {token!r}")
+    return AASpec(kappa, upsilon, heads, relative, min_key_depth)
+
+
+def _decode_block(where: str, text: str) -> BlockSpec:
+    tokens = _split_tokens(where, text)
+    btype = tokens[0]
+    if btype not in BLOCK_TYPES:
+        raise ValueError(f"{where}: unknown block type {btype!r}; expected one of {BLOCK_TYPES}")
+    values: dict[str, Any] = {"type": btype}
+    for token in tokens[1:]:
+        if token in ACTIVATIONS:
+            key, value = "act", token
+        elif token == "noskip":
+            key, value = "skip", False
+        elif token.startswith("aa"):
+            key, value = "aa", _decode_aa(where, token)
+        else:
+            prefix = "se" if token.startswith("se") else token[:1]
+            if prefix not in _BLOCK_KEYS:
+                raise ValueError(f"{where}: unknown token {token!r} in {text!r}")
+            key, kind = _BLOCK_KEYS[prefix]
+            value = _parse_number(f"{where}.{key}", token[len(prefix) :], kind)
+        if key in values:
+            raise ValueError(f"{where}: duplicate {key} token {token!r} in {text!r}")
+        values[key] = value
+    if "out_channels" not in values:
+        raise ValueError(f"{where}: block {text!r} needs an output-channel token c<N>")
+    return BlockSpec(**values)
+
+
+def _decode_stem(text: str) -> StemSpec:
+    tokens = _split_tokens("stem", text)
+    values: dict[str, Any] = {"type": tokens[0]}
+    keys = {"c": ("channels", int), "k": ("kernel", int), "s": ("stride", int)}
+    for token in tokens[1:]:
+        if token in ACTIVATIONS:
+            key, value = "act", token
+        elif token[:1] in keys:
+            key, kind = keys[token[:1]]
+            value = _parse_number(f"stem.{key}", token[1:], kind)
+        else:
+            raise ValueError(f"stem: unknown token {token!r} in {text!r}")
+        if key in values:
+            raise ValueError(f"stem: duplicate {key} token {token!r}")
+        values[key] = value
+    return StemSpec(**values)
+
+
+def _decode_globals(text: str) -> dict[str, Any]:
+    keys = {
+        "i": ("input_size", int),
+        "n": ("num_classes", int),
+        "w": ("width", float),
+        "d": ("dropout", float),
+    }
+    values: dict[str, Any] = {}
+    for token in _split_tokens("globals", text):
+        if token[:1] not in keys:
+            raise ValueError(f"globals: unknown token {token!r} in {text!r}")
+        key, kind = keys[token[:1]]
+        if key in values:
+            raise ValueError(f"globals: duplicate {key} token {token!r}")
+        values[key] = _parse_number(key, token[1:], kind)
+    return values
+
+
+def decode(text: str) -> ArchSpec:
+    """Parse and validate a spec string (see module docstring).
+
+    Raises:
+        ValueError: naming the part, block and token that is wrong.
+    """
+    parts = text.strip().split(":")
+    if len(parts) != 5:
+        raise ValueError(
+            f"spec string must have 5 ':'-separated parts "
+            f"(family:globals:stem:stages:head), got {len(parts)} in {text!r}"
+        )
+    family, glob, stem, stages_text, head = parts
+    stages: list[tuple[BlockSpec, ...]] = []
+    for i, stage_text in enumerate(stages_text.split("/")):
+        blocks = tuple(
+            _decode_block(f"stage{i}.block{j}", block_text)
+            for j, block_text in enumerate(stage_text.split(","))
+        )
+        stages.append(blocks)
+    if not head.startswith("c"):
+        raise ValueError(f"head: expected c<channels>, got {head!r}")
+    spec = ArchSpec(
+        family=family,
+        stem=_decode_stem(stem),
+        stages=tuple(stages),
+        head_channels=_parse_number("head_channels", head[1:], int),
+        **_decode_globals(glob),
+    )
+    return spec.validate()
+
+
+# --- dict codec -------------------------------------------------------------------------------
+
+
+def to_dict(spec: ArchSpec) -> dict[str, Any]:
+    """Nested plain-dict form (lists for tuples), for JSON/YAML; inverse of :func:`from_dict`."""
+    data = dataclasses.asdict(spec)
+    data["stages"] = [list(stage) for stage in data["stages"]]
+    return json.loads(json.dumps(data))  # tuples -> lists everywhere
+
+
+def _build(cls: type, where: str, data: Any) -> Any:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r}; expected keys {sorted(names)}")
+    return cls(**data)
+
+
+def from_dict(data: Mapping[str, Any]) -> ArchSpec:
+    """Build and validate an ArchSpec from :func:`to_dict` output (unknown keys are errors)."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"spec: expected a mapping, got {type(data).__name__}")
+    fields: dict[str, Any] = dict(data)
+    for required in ("family", "stem", "stages"):
+        if required not in fields:
+            raise ValueError(f"spec: missing key {required!r}")
+    fields["stem"] = _build(StemSpec, "stem", fields["stem"])
+    stages = []
+    for i, stage in enumerate(fields["stages"]):
+        blocks = []
+        for j, block in enumerate(stage):
+            where = f"stage{i}.block{j}"
+            block = dict(_as_mapping(where, block))
+            if block.get("aa") is not None:
+                block["aa"] = _build(AASpec, f"{where}.aa", block["aa"])
+            blocks.append(_build(BlockSpec, where, block))
+        stages.append(tuple(blocks))
+    fields["stages"] = tuple(stages)
+    spec: ArchSpec = _build(ArchSpec, "spec", fields)
+    for key in ("width", "dropout"):
+        value = getattr(spec, key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            spec = dataclasses.replace(spec, **{key: float(value)})
+    return _normalize_numbers(spec).validate()
+
+
+def _as_mapping(where: str, data: Any) -> Mapping[str, Any]:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    return data
+
+
+def _normalize_numbers(spec: ArchSpec) -> ArchSpec:
+    """JSON turns 6.0 into 6: coerce float fields back so from_dict(to_dict(s)) == s."""
+
+    def block(b: BlockSpec) -> BlockSpec:
+        aa = b.aa
+        if aa is not None:
+            aa = dataclasses.replace(aa, kappa=_as_float(aa.kappa), upsilon=_as_float(aa.upsilon))
+        return dataclasses.replace(b, expansion=_as_float(b.expansion), se=_as_float(b.se), aa=aa)
+
+    stages = tuple(tuple(block(b) for b in stage) for stage in spec.stages)
+    return dataclasses.replace(spec, stages=stages)
+
+
+def _as_float(x: Any) -> Any:
+    return float(x) if isinstance(x, int) and not isinstance(x, bool) else x
