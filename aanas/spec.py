@@ -202,33 +202,66 @@ def round_channels(channels: float, divisor: int = 8, round_up_bias: float = 0.9
 
 
 def aa_channels(
-    out_channels: int, kappa: float, upsilon: float, num_heads: int, min_key_depth: int = 0
+    out_channels: int,
+    kappa: float,
+    upsilon: float,
+    num_heads: int,
+    min_key_depth_per_head: int = 0,
 ) -> tuple[int, int]:
-    """The paper's kappa = dk/Fout and upsilon = dv/Fout as integer (dk, dv).
+    """Converts the paper's attention ratios to integer key and value depths.
 
-    Both are rounded to the nearest multiple of ``num_heads`` (at least one channel per head),
-    then dk is raised to ``min_key_depth * num_heads``. Example: Fout = 256, kappa = 0.2,
-    upsilon = 0.1, Nh = 8: dk = round(51.2 / 8) * 8 = 48, dv = round(25.6 / 8) * 8 = 24.
+    The paper parametrises a layer by ``kappa = dk / Fout`` and ``upsilon = dv / Fout``; the
+    layer needs integers divisible by ``num_heads``. The rule (round half up to a multiple of
+    ``Nh``, at least one channel per head)::
+
+        dk = max(Nh, round(kappa * Fout / Nh) * Nh)
+        dv = max(Nh, round(upsilon * Fout / Nh) * Nh)
+        dk = max(dk, min_key_depth_per_head * Nh)
+        dv = min(dv, (Fout // Nh) * Nh)
+
+    Worked examples:
+
+    * ResNet-50 stage 4, ``aa_channels(512, 0.2, 0.1, 8)``: 102.4 / 8 = 12.8 -> 13 -> dk = 104;
+      51.2 / 8 = 6.4 -> 6 -> dv = 48.
+    * MnasNet expanded tensor, ``aa_channels(480, 0.1, 0.05, 4)``: dk = 48, dv = 24.
+    * CIFAR Wide-ResNet (at least 20 key dims per head),
+      ``aa_channels(160, 0.2, 0.1, 8, min_key_depth_per_head=20)``: dk = max(32, 160) = 160,
+      dv = 16. dk may exceed ``Fout``; only ``dv <= Fout`` is required.
+
+    Args:
+        out_channels: ``Fout``, the layer's output channels.
+        kappa: key depth ratio in (0, 1].
+        upsilon: value depth ratio in (0, 1].
+        num_heads: ``Nh``.
+        min_key_depth_per_head: lower bound on ``dk / Nh``.
+
+    Returns:
+        ``(dk, dv)``.
 
     Raises:
-        ValueError: kappa or upsilon outside (0, 1], heads < 1, or dv > Fout.
+        ValueError: if a ratio is outside (0, 1] or a count is not positive, or
+            ``out_channels < num_heads`` (no multiple of ``Nh`` fits).
     """
-    if not 0.0 < kappa <= 1.0:
-        raise ValueError(f"kappa must be in (0, 1], got {kappa}")
-    if not 0.0 < upsilon <= 1.0:
-        raise ValueError(f"upsilon must be in (0, 1], got {upsilon}")
-    if num_heads < 1:
-        raise ValueError(f"heads must be >= 1, got {num_heads}")
     if out_channels < 1:
         raise ValueError(f"out_channels must be >= 1, got {out_channels}")
-    dk = max(num_heads, _round_half_up(kappa * out_channels / num_heads) * num_heads)
-    dk = max(dk, min_key_depth * num_heads)
-    dv = max(num_heads, _round_half_up(upsilon * out_channels / num_heads) * num_heads)
-    if dv > out_channels:
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+    if out_channels < num_heads:
         raise ValueError(
-            f"dv={dv} (upsilon={upsilon}, heads={num_heads}) exceeds the conv's "
-            f"{out_channels} output channels"
+            f"out_channels={out_channels} must be >= num_heads={num_heads} so that dv fits"
         )
+    if min_key_depth_per_head < 0:
+        raise ValueError(f"min_key_depth_per_head must be >= 0, got {min_key_depth_per_head}")
+    for name, ratio in (("kappa", kappa), ("upsilon", upsilon)):
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"{name} must be in (0, 1], got {ratio}")
+
+    def round_heads(ratio: float) -> int:
+        # Half up, with a small epsilon so that 0.3 * 10 / 2 = 1.4999999999999998 rounds to 2.
+        return max(num_heads, math.floor(ratio * out_channels / num_heads + 0.5 + 1e-9) * num_heads)
+
+    dk = max(round_heads(kappa), min_key_depth_per_head * num_heads)
+    dv = min(round_heads(upsilon), (out_channels // num_heads) * num_heads)
     return dk, dv
 
 

@@ -186,10 +186,10 @@ def test_invalid_block_names_block_and_field(block: str, match: str) -> None:
         S.decode(_BASE.format(block=block))
 
 
-def test_aa_dv_larger_than_conv_output() -> None:
-    # ds block at 16 input channels: Nh=32 forces dv >= 32 > 16 channels.
+def test_aa_heads_do_not_fit_the_conv() -> None:
+    # ds block at 16 input channels: Nh=32 needs dv >= 32 > 16 channels.
     text = "mnasnet:i32_n10_w1_d0:conv_c16_k3_s2:ds_r1_k3_s1_e1_c16_aa0.1-0.1-32:c0"
-    with pytest.raises(ValueError, match=r"stage0\.block0\.aa: dv=32 .* exceeds the conv's 16"):
+    with pytest.raises(ValueError, match=r"stage0\.block0\.aa: out_channels=16 must be >= num_"):
         S.decode(text)
 
 
