@@ -8,6 +8,19 @@ and search engines.
 
 from __future__ import annotations
 
+from typing import Any
+
+from aanas.spec import ArchSpec
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["ArchSpec", "__version__", "create_model", "list_models"]
+
+
+def __getattr__(name: str) -> Any:
+    """Lazy ``create_model``/``list_models``: ``import aanas`` (and aanas.spec) stays torch-free."""
+    if name in ("create_model", "list_models"):
+        from aanas import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'aanas' has no attribute {name!r}")
