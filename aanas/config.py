@@ -1,0 +1,398 @@
+"""Typed, frozen run recipes and their YAML loader (layer L0: no torch).
+
+A recipe is a frozen dataclass whose fields each carry a typed default and a why-comment
+(nanoGPT's configurator principle, without its ``exec``). Values come from, in order: the field
+defaults, a YAML file (``yaml.safe_load``, keys mirror the field names exactly) and ``--set
+key=value`` overrides from the command line. Every value is type-checked against the field's
+annotation; unknown keys and wrong types raise ``ValueError`` naming the file or flag, the field,
+the value and the expected type.
+
+The loader is generic over the dataclass type (:func:`load_dataclass`, :func:`apply_overrides`,
+:func:`recipe_from_dict`), so ``SearchRecipe``/``ExportRecipe`` reuse it unchanged.
+
+Training settings follow Bello et al., *Attention Augmented Convolutional Networks*
+(arXiv:1904.09925), appendix A; the shipped recipes under ``recipes/`` cite their sources.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import math
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+__all__ = [
+    "TrainRecipe",
+    "load_recipe",
+    "load_dataclass",
+    "apply_overrides",
+    "recipe_from_dict",
+    "recipe_to_dict",
+    "find_recipe",
+    "list_recipes",
+    "OPTIMIZERS",
+    "SCHEDULES",
+]
+
+T = TypeVar("T")
+
+OPTIMIZERS = ("sgd", "rmsprop")
+SCHEDULES = ("cosine", "step", "exponential", "constant")
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+_NONE = ("none", "null", "~", "")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainRecipe:
+    """Everything ``aanas.train.fit`` needs besides the model and the data.
+
+    ``batch_size`` is the *global* batch: under DDP each of N processes loads ``batch_size / N``
+    samples, so a recipe means the same optimisation on 1 or 8 GPUs.
+    """
+
+    # --- what to train on -----------------------------------------------------------------
+    model: str = "mnasnet_a1_100"  # registered model name or spec string (aanas.models)
+    data: str = "digits"  # digits | cifar10 | cifar100 | imagefolder:PATH; digits is offline
+    data_root: str | None = None  # None -> ~/.cache/aanas/data; never an absolute default
+    download: bool = False  # opt-in: the default run never touches the network
+    input_size: int = 32  # square side in pixels fed to the model (resize if not native)
+    val_fraction: float = 0.1  # held out of the TRAINING set; searches select on it, never test
+    augment: bool = True  # random crop (+pad) and, where identity-safe, horizontal flip
+    # --- optimisation -----------------------------------------------------------------------
+    epochs: int = 10  # full passes over the training split
+    batch_size: int = 128  # global batch (split across DDP processes)
+    optimizer: str = "sgd"  # sgd | rmsprop (MnasNet uses TF-style RMSProp)
+    lr: float = 0.1  # peak learning rate, reached at the end of warm-up
+    momentum: float = 0.9  # SGD and RMSProp momentum (both papers use 0.9)
+    nesterov: bool = False  # WRN (Zagoruyko & Komodakis) trains with Nesterov momentum
+    rmsprop_alpha: float = 0.9  # RMSProp squared-gradient decay (TF "decay"; MnasNet 0.9)
+    rmsprop_eps: float = 0.0316  # ~sqrt(TF eps 1e-3): torch adds eps outside the sqrt, TF inside
+    weight_decay: float = 1e-4  # L2 coefficient, coupled as in SGD (not AdamW-style)
+    wd_exclude_bn_bias: bool = False  # drop decay on 1-d params (BN gamma/beta, biases)
+    # --- learning-rate schedule (per optimiser step) ---------------------------------------
+    schedule: str = "cosine"  # cosine | step | exponential | constant
+    warmup_epochs: float = 0.0  # linear ramp 0 -> lr (Bello et al.: 5 epochs on ImageNet)
+    milestones: tuple[int, ...] = ()  # step schedule: multiply by gamma at these epochs
+    gamma: float = 0.1  # step schedule factor (ResNet /10, WRN x0.2)
+    decay_rate: float = 0.97  # exponential schedule factor (MnasNet: 0.97 ...)
+    decay_epochs: float = 2.4  # ... every 2.4 epochs, staircase as in the TF reference
+    # --- regularisation and numerics --------------------------------------------------------
+    label_smoothing: float = 0.0  # cross-entropy smoothing (0 = off)
+    grad_clip: float = 0.0  # max global grad norm (0 = off)
+    ema_decay: float = 0.0  # EMA of weights, evaluated when on (0 = off; MnasNet 0.9999)
+    amp: bool = False  # fp16 autocast + GradScaler; only effective on CUDA
+    # BatchNorm running-stat momentum for every BN layer (0 = keep the model's). MnasNet keeps
+    # torchvision's 0.0003 (TF 0.9997), whose running stats barely move in a short run, so
+    # evaluation sits at chance; short runs and search trials set the torch default 0.1.
+    bn_momentum: float = 0.0
+    # Before each evaluation, reset BN running stats and re-estimate them (cumulative average)
+    # from this many training batches (0 = off). Short runs/search trials need it: running
+    # averages started at var=1 lag far behind small true variances (as in once-for-all).
+    bn_recalibrate_batches: int = 0
+    # --- bookkeeping ------------------------------------------------------------------------
+    seed: int = 0  # seeds init, split, shuffling (per epoch: seed + epoch) and augmentation
+    workers: int = 0  # DataLoader worker processes (0 = main process, bit-exact resume)
+    pin_memory: bool = False  # page-locked host buffers; only useful with CUDA
+    max_train_batches: int = 0  # cap optimiser steps per epoch (0 = all); lets a search cheapen
+
+    def __post_init__(self) -> None:
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_range("input_size", self.input_size, low=1)
+        _check_range("epochs", self.epochs, low=1)
+        _check_range("batch_size", self.batch_size, low=1)
+        _check_range("lr", self.lr, low=0.0)
+        _check_range("momentum", self.momentum, low=0.0, high=1.0)
+        _check_range("rmsprop_alpha", self.rmsprop_alpha, low=0.0, high=1.0)
+        _check_range("rmsprop_eps", self.rmsprop_eps, low=0.0)
+        _check_range("weight_decay", self.weight_decay, low=0.0)
+        _check_range("warmup_epochs", self.warmup_epochs, low=0.0)
+        _check_range("gamma", self.gamma, low=0.0)
+        _check_range("decay_rate", self.decay_rate, low=0.0)
+        _check_range("label_smoothing", self.label_smoothing, low=0.0, high=1.0)
+        _check_range("grad_clip", self.grad_clip, low=0.0)
+        _check_range("bn_momentum", self.bn_momentum, low=0.0, high=1.0)
+        _check_range("ema_decay", self.ema_decay, low=0.0, high=1.0, high_open=True)
+        _check_range("val_fraction", self.val_fraction, low=0.0, high=1.0, high_open=True)
+        _check_range("workers", self.workers, low=0)
+        _check_range("max_train_batches", self.max_train_batches, low=0)
+        _check_range("bn_recalibrate_batches", self.bn_recalibrate_batches, low=0)
+        if self.decay_epochs <= 0:
+            raise ValueError(f"decay_epochs must be > 0, got {self.decay_epochs!r}")
+        if self.nesterov and self.optimizer != "sgd":
+            raise ValueError(f"nesterov=true needs optimizer 'sgd', got {self.optimizer!r}")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov=true needs momentum > 0 (torch.optim.SGD)")
+        if list(self.milestones) != sorted(self.milestones):
+            raise ValueError(f"milestones must be increasing, got {list(self.milestones)!r}")
+        if self.schedule == "step" and not self.milestones:
+            raise ValueError("schedule 'step' needs milestones, e.g. milestones: [30, 60, 90]")
+
+
+# --- validation helpers ---------------------------------------------------------------------
+
+
+def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _check_range(
+    name: str,
+    value: float,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    high_open: bool = False,
+) -> None:
+    """Raise ``ValueError`` unless ``low <= value <= high`` (``< high`` when ``high_open``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    bad = (low is not None and value < low) or (
+        high is not None and (value >= high if high_open else value > high)
+    )
+    if bad:
+        upper = "" if high is None else f" and {'<' if high_open else '<='} {high}"
+        raise ValueError(f"{name} must be >= {low}{upper}, got {value!r}")
+
+
+# --- generic dataclass <-> dict / YAML ------------------------------------------------------
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    """Resolved annotations of a dataclass (``from __future__`` makes them strings)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Check a YAML value against annotation ``tp``; return it in canonical form.
+
+    Allowed widenings: int -> float; list -> tuple; a numeric string for a float field,
+    because PyYAML (YAML 1.1) reads ``5e-4`` without a dot as the string ``'5e-4'``.
+    """
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(name, value, inner[0])
+        raise TypeError(f"unsupported annotation for {name}: {tp}")  # internal: no such field
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{name}: expected a list of {_type_name(args[0])}, got {value!r}")
+        return tuple(_coerce(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"unsupported annotation for {name}: {tp}")
+    raise ValueError(f"{name}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def recipe_from_dict(cls: type[T], data: Mapping[str, Any], *, source: str = "<dict>") -> T:
+    """Build dataclass ``cls`` from a mapping; unknown keys or wrong types raise ``ValueError``.
+
+    Args:
+        cls: a (frozen) dataclass type, e.g. :class:`TrainRecipe`.
+        data: field name -> value, as ``yaml.safe_load`` returns it.
+        source: where ``data`` came from, for error messages (file name).
+    """
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{source}: expected a mapping of {cls.__name__} fields, got {data!r}")
+    hints = _field_types(cls)
+    unknown = [k for k in data if k not in hints]
+    if unknown:
+        raise ValueError(
+            f"{source}: unknown key {unknown[0]!r} for {cls.__name__} (allowed: {', '.join(hints)})"
+        )
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        try:
+            kwargs[key] = _coerce(key, value, hints[key])
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+
+
+def recipe_to_dict(recipe: Any) -> dict[str, Any]:
+    """Plain, YAML/JSON-serialisable dict of a recipe (tuples become lists)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(recipe):
+        value = getattr(recipe, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def load_dataclass(
+    cls: type[T], path: str | Path, overrides: Sequence[str] = (), *, section: str | None = None
+) -> T:
+    """Load YAML file ``path`` into dataclass ``cls``, then apply ``key=value`` overrides.
+
+    An empty file gives the defaults. ``section`` is the prefix accepted in overrides
+    (``train.lr=0.05``); by default it is derived from the class name (``TrainRecipe`` ->
+    ``train``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe file not found: {path}")
+    with path.open(encoding="utf-8") as fh:
+        try:
+            data = yaml.safe_load(fh)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
+    obj = recipe_from_dict(cls, {} if data is None else data, source=str(path))
+    return apply_overrides(obj, overrides, section=section)
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> TrainRecipe:
+    """Load a :class:`TrainRecipe` from a YAML path (or a shipped recipe name) plus overrides.
+
+    Example:
+        >>> r = load_recipe("digits_tiny", ["train.lr=0.05", "epochs=2"])  # doctest: +SKIP
+    """
+    return load_dataclass(TrainRecipe, find_recipe(path), overrides)
+
+
+# --- command-line overrides -----------------------------------------------------------------
+
+
+def _section_of(cls: type) -> str:
+    name = cls.__name__
+    return (name[: -len("Recipe")] if name.endswith("Recipe") else name).lower()
+
+
+def _parse_scalar(name: str, raw: str, tp: Any) -> Any:
+    text = raw.strip()
+    if tp is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+    elif tp is int:
+        try:
+            return int(text)
+        except ValueError:
+            pass
+    elif tp is float:
+        try:
+            return float(text)
+        except ValueError:
+            pass
+    elif tp is str:
+        return raw
+    else:
+        raise TypeError(f"unsupported annotation for {name}: {tp}")
+    raise ValueError(f"override {name}={raw!r}: expected {_type_name(tp)}")
+
+
+def _parse_override(name: str, raw: str, tp: Any) -> Any:
+    """Parse the text of ``--set name=raw`` against annotation ``tp`` (no eval/exec).
+
+    Tuples are comma-separated, optionally bracketed: ``milestones=30,60`` or ``[30, 60]``;
+    ``none``/``null`` sets an optional field to None.
+    """
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and raw.strip().lower() in _NONE:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _parse_override(name, raw, inner[0])
+    if origin is tuple:
+        body = raw.strip()
+        if body[:1] in "[(" and body[-1:] in "])":
+            body = body[1:-1]
+        items = [s for s in (p.strip() for p in body.split(",")) if s]
+        return tuple(_parse_scalar(name, s, args[0]) for s in items)
+    return _parse_scalar(name, raw, tp)
+
+
+def apply_overrides(recipe: T, overrides: Sequence[str], *, section: str | None = None) -> T:
+    """Return a copy of ``recipe`` with ``key=value`` (or ``section.key=value``) applied.
+
+    Values are parsed against the field's annotation; a bad value raises ``ValueError``
+    naming the field, the value and the expected type.
+    """
+    cls = type(recipe)
+    hints = _field_types(cls)
+    section = section or _section_of(cls)
+    changes: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like key=value")
+        if key.startswith(section + "."):
+            key = key[len(section) + 1 :]
+        if key not in hints:
+            raise ValueError(
+                f"override {item!r}: unknown key {key!r} for {cls.__name__} "
+                f"(allowed: {', '.join(hints)})"
+            )
+        changes[key] = _parse_override(key, raw, hints[key])
+    if not changes:
+        return recipe
+    return dataclasses.replace(recipe, **changes)  # type: ignore[type-var]
+
+
+# --- shipped recipes ------------------------------------------------------------------------
+
+
+def _recipe_dir() -> Path:
+    """Folder of the shipped recipes: the repo's recipes/, installed as ``aanas.recipes``."""
+    return Path(str(importlib.resources.files("aanas.recipes")))
+
+
+def list_recipes() -> list[str]:
+    """Names of the shipped recipes (file stems), sorted."""
+    folder = _recipe_dir()
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """Resolve a recipe path, or the bare name of a shipped recipe (``digits_tiny``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    name = str(name_or_path)
+    if "/" not in name and "\\" not in name:
+        stem = name[:-5] if name.endswith(".yaml") else name
+        candidate = _recipe_dir() / f"{stem}.yaml"
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"recipe {name!r} is neither a file nor a shipped recipe "
+        f"(shipped: {', '.join(list_recipes()) or 'none'})"
+    )

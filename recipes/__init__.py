@@ -1,0 +1,1 @@
+"""Training recipes shipped with aanas (YAML files; see aanas.config.load_recipe)."""

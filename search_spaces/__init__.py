@@ -1,0 +1,1 @@
+"""Search spaces shipped with aanas (YAML files; see aanas.space.SearchSpace.from_yaml)."""

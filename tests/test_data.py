@@ -1,0 +1,167 @@
+"""Tests for aanas.data: embedded digits, ImageFolder trees (and their errors), splits."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from aanas.data import DataBundle, build_data
+
+_REPO = Path(__file__).resolve().parents[1]
+# Real CIFAR-10 images (1000/class train, 200/class test, 32x32 PNG) in ImageFolder layout;
+# read in place, never copied into the repo.
+CIFAR10_SUBSET = Path(os.environ.get("AANAS_CIFAR10", _REPO.parent / "shared" / "data" / "cifar10"))
+needs_cifar10 = pytest.mark.skipif(
+    not (CIFAR10_SUBSET / "train").is_dir(),
+    reason=f"CIFAR-10 subset not found at {CIFAR10_SUBSET} (set AANAS_CIFAR10=PATH)",
+)
+
+
+@pytest.fixture(scope="module")
+def digits() -> DataBundle:
+    return build_data("digits", input_size=32, batch_size=64, augment=False)
+
+
+def _val_indices(bundle: DataBundle) -> list[int]:
+    assert bundle.val is not None
+    return list(bundle.val.dataset.indices)  # type: ignore[attr-defined]
+
+
+def _make_tree(root: Path, classes: dict[str, dict[str, int]], size: int = 8) -> Path:
+    """root/<split>/<class>/<i>.png with n images per (split, class)."""
+    for split, counts in classes.items():
+        for cls, n in counts.items():
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                color = (i * 40 % 256, len(cls) * 30 % 256, 128)
+                Image.new("RGB", (size, size), color).save(folder / f"{i}.png")
+    return root
+
+
+# --- digits -----------------------------------------------------------------------------------
+
+
+def test_digits_shapes_and_metadata(digits: DataBundle) -> None:
+    x, y = next(iter(digits.train))
+    assert x.shape == (64, 3, 32, 32) and x.dtype == torch.float32
+    assert y.shape == (64,) and y.dtype == torch.int64
+    assert digits.num_classes == 10 and digits.in_channels == 3
+    assert digits.classes == tuple(str(i) for i in range(10))
+    # fixed stratified 80/20 split of 1797 images; 10% of the 1437 training images for validation
+    n_train = len(digits.train.dataset)  # type: ignore[arg-type]
+    assert digits.val is not None
+    assert (n_train, len(digits.val.dataset), len(digits.test.dataset)) == (1293, 144, 360)  # type: ignore[arg-type]
+    # normalised with the training statistics
+    assert abs(float(x.mean())) < 0.3 and 0.6 < float(x.std()) < 1.4
+    assert torch.equal(x[:, 0], x[:, 1])  # grayscale replicated to 3 channels
+
+
+def test_digits_split_is_deterministic(digits: DataBundle) -> None:
+    again = build_data("digits", input_size=16, batch_size=32, augment=False)
+    other = build_data("digits", input_size=16, batch_size=32, augment=False, seed=1)
+    assert _val_indices(again) == _val_indices(digits)
+    assert _val_indices(other) != _val_indices(digits)
+    assert not set(_val_indices(digits)) & set(digits.train.dataset.indices)  # type: ignore[attr-defined]
+    # the test split never depends on the recipe seed
+    ya = torch.cat([y for _, y in digits.test])
+    yb = torch.cat([y for _, y in other.test])
+    assert torch.equal(ya, yb)
+
+
+def test_shuffle_order_is_a_function_of_seed_and_epoch() -> None:
+    def order(seed: int, epoch: int) -> list[int]:
+        b = build_data("digits", input_size=8, batch_size=16, augment=False, seed=seed)
+        b.train.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+        return list(b.train.sampler)
+
+    assert order(0, 1) == order(0, 1)
+    assert order(0, 1) != order(0, 0)
+    assert order(0, 1) != order(1, 1)
+
+
+def test_digits_augment_crops_without_flip() -> None:
+    bundle = build_data("digits", input_size=16, batch_size=8, val_fraction=0.0)
+    assert bundle.val is None
+    ds = bundle.train.dataset.dataset  # type: ignore[attr-defined]
+    assert ds.pad == 2 and ds.flip is False  # digits: random crop with padding, never flipped
+    torch.manual_seed(0)
+    views = {tuple(ds[0][0].flatten().tolist()) for _ in range(10)}
+    assert len(views) > 1
+
+
+def test_unknown_name_lists_accepted_forms() -> None:
+    with pytest.raises(ValueError, match="imagefolder:PATH"):
+        build_data("mnist", input_size=32, batch_size=8)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="val_fraction"):
+        build_data("digits", input_size=8, batch_size=8, val_fraction=1.0)
+    with pytest.raises(ValueError, match="process group"):
+        build_data("digits", input_size=8, batch_size=8, distributed=True)
+
+
+def test_cifar_not_downloaded_says_how(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="download=true"):
+        build_data("cifar10", root=tmp_path, input_size=32, batch_size=8)
+
+
+# --- imagefolder ------------------------------------------------------------------------------
+
+
+def test_imagefolder_small_tree(tmp_path: Path) -> None:
+    root = _make_tree(tmp_path / "t", {"train": {"a": 6, "b": 4}, "test": {"a": 2, "b": 2}})
+    b = build_data(f"imagefolder:{root}", input_size=16, batch_size=4, val_fraction=0.2)
+    assert b.classes == ("a", "b") and b.num_classes == 2
+    assert (len(b.train.dataset), len(b.val.dataset), len(b.test.dataset)) == (8, 2, 4)  # type: ignore[arg-type, union-attr]
+    x, _ = next(iter(b.train))
+    assert x.shape == (4, 3, 16, 16)  # resized from the native 8x8
+    x, _ = next(iter(b.test))
+    assert x.shape == (4, 3, 16, 16)
+
+
+def test_imagefolder_imagenet_style_transforms(tmp_path: Path) -> None:
+    root = _make_tree(tmp_path / "t", {"train": {"a": 2}, "test": {"a": 1}}, size=80)
+    b = build_data(f"imagefolder:{root}", input_size=24, batch_size=2, val_fraction=0.0)
+    assert next(iter(b.train))[0].shape == (2, 3, 24, 24)  # random resized crop
+    assert next(iter(b.test))[0].shape == (1, 3, 24, 24)  # resize + centre crop
+
+
+def test_imagefolder_missing_path(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        build_data(f"imagefolder:{tmp_path / 'nowhere'}", input_size=8, batch_size=2)
+
+
+def test_imagefolder_missing_split(tmp_path: Path) -> None:
+    root = _make_tree(tmp_path / "t", {"train": {"a": 2}})
+    with pytest.raises(FileNotFoundError, match="test"):
+        build_data(f"imagefolder:{root}", input_size=8, batch_size=2)
+
+
+def test_imagefolder_empty_class(tmp_path: Path) -> None:
+    root = _make_tree(tmp_path / "t", {"train": {"a": 2}, "test": {"a": 1}})
+    (root / "train" / "b").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"train[/\\]b"):
+        build_data(f"imagefolder:{root}", input_size=8, batch_size=2)
+
+
+def test_imagefolder_mismatched_classes(tmp_path: Path) -> None:
+    root = _make_tree(tmp_path / "t", {"train": {"a": 2, "b": 2}, "test": {"a": 1, "c": 1}})
+    with pytest.raises(ValueError, match=r"only in train: \['b'\], only in test: \['c'\]"):
+        build_data(f"imagefolder:{root}", input_size=8, batch_size=2)
+
+
+@needs_cifar10
+def test_shared_cifar10_subset() -> None:
+    b = build_data(f"imagefolder:{CIFAR10_SUBSET}", input_size=32, batch_size=50, seed=0)
+    assert b.num_classes == 10 and b.classes[0] == "airplane" and b.classes[-1] == "truck"
+    assert b.val is not None
+    sizes = (len(b.train.dataset), len(b.val.dataset), len(b.test.dataset))  # type: ignore[arg-type]
+    assert sizes == (9000, 1000, 2000)
+    x, y = next(iter(b.train))
+    assert x.shape == (50, 3, 32, 32) and int(y.max()) < 10
