@@ -1,0 +1,358 @@
+"""Search results as plain records: :class:`TrialResult`, JSONL/CSV IO, Pareto fronts.
+
+Layer L0 (no torch, no optuna, no ray): both search engines, the run-directory writer, ``aanas
+show`` and the export step read and write the same records, so a run directory written by one
+engine reads the same as one written by the other.
+
+Every record stores the canonical spec string (:func:`aanas.spec.encode`) of its candidate, so a
+result can be rebuilt into a model without the search space that produced it.
+
+Files are written atomically (temporary file in the same folder, then :func:`os.replace`): a
+search killed while rewriting ``trials.jsonl`` leaves the previous complete file behind, never a
+truncated one.
+
+Multi-objective helpers follow the usual definitions (e.g. Deb et al., NSGA-II, 2002): a point
+dominates another when it is no worse in every objective and better in at least one; the Pareto
+front is the set of non-dominated points; the 2-D hypervolume is the area dominated by the front
+and bounded by a reference point.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CSV_COLUMNS",
+    "STATES",
+    "TrialResult",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "dominates",
+    "hypervolume_2d",
+    "pareto",
+    "pareto_indices",
+    "read_csv",
+    "read_jsonl",
+    "results_hypervolume",
+    "to_csv",
+    "write_csv",
+    "write_jsonl",
+]
+
+# COMPLETE: evaluated and scored. PRUNED: stopped early by a pruner/scheduler (partial metrics).
+# REJECTED: over the hard cost budget, never trained or evaluated. FAIL: raised (the error is
+# kept). RUNNING: still in flight, or lost by a killed worker that nobody marked failed yet.
+STATES: tuple[str, ...] = ("COMPLETE", "PRUNED", "REJECTED", "FAIL", "RUNNING")
+
+# Cost keys a Pareto front can be drawn over, minimised; accuracy is maximised.
+_COST_KEYS: tuple[str, ...] = ("macs", "n_params", "latency_ms", "latency_pred_ms")
+
+CSV_COLUMNS: tuple[str, ...] = (
+    "number",
+    "state",
+    "accuracy",
+    "reward",
+    "macs",
+    "n_params",
+    "latency_ms",
+    "latency_pred_ms",
+    "wall_s",
+    "seed",
+    "name",
+    "spec",
+    "error",
+    "note",
+    "params",
+    "metrics",
+)
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """One evaluated (or rejected, pruned, failed) candidate of a search.
+
+    ``accuracy`` is validation top-1 as a fraction in [0, 1] (searches never look at the test
+    split). Costs are of the candidate at the search's input size: ``macs`` and ``n_params``
+    analytical (:func:`aanas.cost.count_spec`), ``latency_ms`` measured median,
+    ``latency_pred_ms`` from a latency table.
+    """
+
+    number: int  # trial number within the study (baselines: -1, -2, ...)
+    state: str  # one of STATES
+    spec: str = ""  # canonical spec string; "" when the params did not decode
+    params: Mapping[str, Any] = field(default_factory=dict)  # engine parameters of the trial
+    accuracy: float | None = None
+    reward: float | None = None  # scalar score the engine optimised (None in Pareto mode)
+    macs: int | None = None
+    n_params: int | None = None
+    latency_ms: float | None = None
+    latency_pred_ms: float | None = None
+    wall_s: float = 0.0  # seconds spent on this trial, cost filter to final score
+    seed: int = 0
+    name: str = ""  # baselines: the registered model name; trials: ""
+    error: str = ""  # FAIL: "ExceptionType: message"
+    note: str = ""  # REJECTED: the budget that was exceeded; duplicates: "same spec as #k"
+    metrics: Mapping[str, float] = field(default_factory=dict)  # extras: val_loss, epochs, ...
+
+    def __post_init__(self) -> None:
+        if self.state not in STATES:
+            raise ValueError(f"state must be one of {STATES}, got {self.state!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (inverse of :meth:`from_dict`); NaN/inf become None."""
+        out = dataclasses.asdict(self)
+        out["params"] = dict(self.params)
+        out["metrics"] = dict(self.metrics)
+        cleaned: dict[str, Any] = _clean(out)
+        return cleaned
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrialResult:
+        """Build from :meth:`to_dict` output; unknown keys raise ``ValueError``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"TrialResult: unknown key {unknown[0]!r}; expected {sorted(names)}")
+        return cls(**dict(data))
+
+    def replace(self, **changes: Any) -> TrialResult:
+        """Copy with ``changes`` applied (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+    def cost(self, key: str) -> float | None:
+        """The cost ``key`` (``macs``, ``n_params``, ``latency_ms``, ``latency_pred_ms``)."""
+        if key not in _COST_KEYS:
+            raise ValueError(f"unknown cost key {key!r}; expected one of {_COST_KEYS}")
+        value = getattr(self, key)
+        return None if value is None else float(value)
+
+
+# --- atomic file IO ---------------------------------------------------------------------------
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """UTF-8 text version of :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(obj: object) -> Any:
+    """Numpy scalars and tuples from engines: plain JSON values."""
+    for attr in ("item", "tolist"):
+        if hasattr(obj, attr):
+            return getattr(obj, attr)()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _finite_or_none(value: Any) -> Any:
+    """JSON has no NaN/inf: store them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    return _finite_or_none(obj)
+
+
+def write_jsonl(path: str | os.PathLike[str], results: Iterable[TrialResult]) -> None:
+    """Atomically (re)write ``path`` with one JSON object per result."""
+    lines = [
+        json.dumps(_clean(r.to_dict()), sort_keys=True, default=_json_default) for r in results
+    ]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[TrialResult]:
+    """Read records written by :func:`write_jsonl` (blank lines are skipped).
+
+    Raises:
+        ValueError: naming the file and line of a malformed record.
+    """
+    out: list[TrialResult] = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(TrialResult.from_dict(json.loads(line)))
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"{path}:{lineno}: bad trial record: {exc}") from None
+    return out
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, Mapping):
+        return json.dumps(_clean(value), sort_keys=True, default=_json_default)
+    if isinstance(value, float):
+        return "" if not math.isfinite(value) else repr(value)
+    return str(value)
+
+
+def to_csv(results: Iterable[TrialResult]) -> str:
+    """CSV text with :data:`CSV_COLUMNS` (params/metrics as JSON cells, None as empty)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for r in results:
+        writer.writerow([_csv_cell(getattr(r, c)) for c in CSV_COLUMNS])
+    return buf.getvalue()
+
+
+def write_csv(path: str | os.PathLike[str], results: Iterable[TrialResult]) -> None:
+    """Atomically (re)write ``path`` with :func:`to_csv`."""
+    atomic_write_text(path, to_csv(results))
+
+
+_INT_COLUMNS = ("number", "macs", "n_params", "seed")
+_FLOAT_COLUMNS = ("accuracy", "reward", "latency_ms", "latency_pred_ms", "wall_s")
+
+
+def read_csv(path: str | os.PathLike[str]) -> list[TrialResult]:
+    """Read a file written by :func:`write_csv` back into records."""
+    out: list[TrialResult] = []
+    with open(path, encoding="utf-8", newline="") as fh:
+        for row in csv.DictReader(fh):
+            data: dict[str, Any] = {}
+            for key, text in row.items():
+                if key in _INT_COLUMNS:
+                    data[key] = int(text) if text else (0 if key in ("number", "seed") else None)
+                elif key in _FLOAT_COLUMNS:
+                    data[key] = float(text) if text else (0.0 if key == "wall_s" else None)
+                elif key in ("params", "metrics"):
+                    data[key] = json.loads(text) if text else {}
+                else:
+                    data[key] = text
+            out.append(TrialResult.from_dict(data))
+    return out
+
+
+# --- Pareto fronts and hypervolume ------------------------------------------------------------
+
+
+def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+    """True when ``a`` is no worse than ``b`` everywhere and better somewhere (minimisation)."""
+    if len(a) != len(b):
+        raise ValueError(f"points of different dimension: {len(a)} and {len(b)}")
+    return all(x <= y for x, y in zip(a, b, strict=True)) and any(
+        x < y for x, y in zip(a, b, strict=True)
+    )
+
+
+def pareto_indices(points: Sequence[Sequence[float]]) -> list[int]:
+    """Indices of the non-dominated points (all objectives minimised), in input order.
+
+    Duplicated points are all kept (none dominates the other). O(n^2), fine for the few
+    thousand trials a search has.
+    """
+    return [
+        i
+        for i, p in enumerate(points)
+        if not any(dominates(q, p) for j, q in enumerate(points) if j != i)
+    ]
+
+
+def _objectives(r: TrialResult, cost: str) -> tuple[float, float] | None:
+    c = r.cost(cost)
+    if c is None or r.accuracy is None or not math.isfinite(r.accuracy):
+        return None
+    return (c, -float(r.accuracy))
+
+
+def pareto(
+    results: Iterable[TrialResult], cost: str = "macs", *, states: Sequence[str] = ("COMPLETE",)
+) -> list[TrialResult]:
+    """Records on the (maximise accuracy, minimise ``cost``) front, sorted by increasing cost.
+
+    Only records in ``states`` with both an accuracy and the cost take part; of records with
+    identical (cost, accuracy) the lowest trial number is kept, so a front lists each point once.
+    """
+    pool = [r for r in results if r.state in states and _objectives(r, cost) is not None]
+    pool.sort(key=lambda r: r.number)
+    seen: set[tuple[float, float]] = set()
+    unique: list[TrialResult] = []
+    for r in pool:
+        obj = _objectives(r, cost)
+        assert obj is not None
+        if obj not in seen:
+            seen.add(obj)
+            unique.append(r)
+    points = [_objectives(r, cost) for r in unique]
+    front = [unique[i] for i in pareto_indices([p for p in points if p is not None])]
+    return sorted(front, key=lambda r: (r.cost(cost), -(r.accuracy or 0.0)))
+
+
+def hypervolume_2d(points: Iterable[Sequence[float]], reference: Sequence[float]) -> float:
+    """Area dominated by ``points`` and bounded by ``reference`` (both objectives minimised).
+
+    Points not strictly better than the reference in both objectives add nothing. Example:
+    points (1, 3) and (2, 1) with reference (4, 4) cover the rectangles [1,4]x[3,4] (area 3)
+    and [2,4]x[1,4] (area 6), which overlap in [2,4]x[3,4] (area 2): 3 + 6 - 2 = 7.
+    """
+    rx, ry = float(reference[0]), float(reference[1])
+    pts = sorted(
+        (float(p[0]), float(p[1])) for p in points if float(p[0]) < rx and float(p[1]) < ry
+    )
+    area = 0.0
+    best_y = ry
+    for x, y in pts:  # sweep by increasing x; each new lower y adds a slab up to the reference
+        if y < best_y:
+            area += (rx - x) * (best_y - y)
+            best_y = y
+    return area
+
+
+def results_hypervolume(
+    results: Iterable[TrialResult],
+    cost: str = "macs",
+    *,
+    ref_cost: float,
+    ref_accuracy: float = 0.0,
+    cost_scale: float = 1.0,
+) -> float:
+    """Hypervolume of the COMPLETE records' (accuracy, ``cost``) front.
+
+    The reference point is (``ref_cost``, ``ref_accuracy``): a worse cost and a worse accuracy
+    than anything worth keeping (e.g. the space's largest MACs and 0 accuracy). Costs are
+    divided by ``cost_scale`` (e.g. ``ref_cost`` to normalise the area to [0, 1]).
+    """
+    pts = []
+    for r in results:
+        if r.state != "COMPLETE":
+            continue
+        obj = _objectives(r, cost)
+        if obj is not None:
+            pts.append((obj[0] / cost_scale, obj[1]))
+    return hypervolume_2d(pts, (ref_cost / cost_scale, -ref_accuracy))

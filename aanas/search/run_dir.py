@@ -1,0 +1,360 @@
+"""The run directory a search writes (stable format, read back by ``aanas show``).
+
+::
+
+    runs/<name>/
+      run.json          settings of the search (SearchRecipe), space, score, engine versions
+      trials.jsonl      one TrialResult per line, every trial in every state
+      trials.csv        the same table as CSV (params/metrics as JSON cells)
+      baselines.jsonl   reference models (--baselines) evaluated by the same evaluator
+      pareto.json       the (accuracy max, cost min) front, its hypervolume and reference point
+      pareto.png        accuracy vs cost: all trials grey, the front highlighted, baselines
+      summary.md        score, best architecture and the top-k table
+      best/spec.txt     canonical spec string of the best trial
+      best/model.pt     {"spec": str, "state_dict": ...} trained or supernet-inherited weights
+      best/metrics.json the best TrialResult
+      supernet.pt       trained supernet (supernet evaluator), reused when the search resumes
+      study.db          Optuna SQLite storage (optuna engine, default --storage)
+      ray/              Ray Tune experiment folder (ray engine)
+
+Every file is replaced atomically (temporary file + :func:`os.replace`): a search killed at any
+moment leaves the previous complete version of each file behind. ``trials.*`` are rewritten
+after every finished trial from the engine's own record of the study, so they include the trials
+of other workers sharing the same storage.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from aanas.results import (
+    TrialResult,
+    atomic_write_bytes,
+    atomic_write_text,
+    pareto,
+    read_jsonl,
+    results_hypervolume,
+    write_csv,
+    write_jsonl,
+)
+
+__all__ = ["RunDirectory", "best_result", "format_table", "rank"]
+
+_LOG = logging.getLogger(__name__)
+
+_COST_LABEL = {
+    "macs": "MACs (M)",
+    "latency_ms": "latency (ms)",
+    "latency_pred_ms": "predicted latency (ms)",
+    "n_params": "params (M)",
+}
+_COST_DIV = {"macs": 1e6, "n_params": 1e6, "latency_ms": 1.0, "latency_pred_ms": 1.0}
+
+
+def rank(results: Sequence[TrialResult], *, multi_objective: bool) -> list[TrialResult]:
+    """COMPLETE records, best first: by reward, or (Pareto mode) by accuracy, then lower MACs."""
+    done = [r for r in results if r.state == "COMPLETE" and r.accuracy is not None]
+    if multi_objective or any(r.reward is None for r in done):
+        return sorted(done, key=lambda r: (-(r.accuracy or 0.0), r.macs or 0, r.number))
+    return sorted(done, key=lambda r: (-(r.reward or 0.0), r.number))
+
+
+def best_result(
+    results: Sequence[TrialResult], *, multi_objective: bool
+) -> TrialResult | None:
+    """The best COMPLETE record (:func:`rank`), or None when nothing completed.
+
+    In Pareto mode "best" is the most accurate point of the front (ties: fewer MACs).
+    """
+    ranked = rank(results, multi_objective=multi_objective)
+    return ranked[0] if ranked else None
+
+
+def _fmt(value: float | None, scale: float = 1.0, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value / scale:.{digits}f}"
+
+
+def format_table(
+    results: Sequence[TrialResult], *, title: str = "", spec_width: int = 0
+) -> str:
+    """Markdown table of ``results`` in the given order (``spec_width`` > 0 truncates specs)."""
+    lines = []
+    if title:
+        lines += [f"### {title}", ""]
+    lines.append("| # | state | accuracy | reward | MACs (M) | params (M) | latency (ms) | spec |")
+    lines.append("|---:|---|---:|---:|---:|---:|---:|---|")
+    for r in results:
+        spec = r.spec
+        if spec_width and len(spec) > spec_width:
+            spec = spec[: spec_width - 3] + "..."
+        label = r.name or str(r.number)
+        latency = r.latency_ms if r.latency_ms is not None else r.latency_pred_ms
+        lines.append(
+            f"| {label} | {r.state} | {_fmt(r.accuracy, 0.01, 2)}% | {_fmt(r.reward, 1, 4)} | "
+            f"{_fmt(r.macs, 1e6, 2)} | {_fmt(r.n_params, 1e6, 3)} | {_fmt(latency, 1, 2)} | "
+            f"`{spec}` |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+class RunDirectory:
+    """Reads and writes one search's run directory (see the module docstring)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # -- paths -------------------------------------------------------------------------------
+
+    @property
+    def run_json(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def trials_jsonl(self) -> Path:
+        return self.path / "trials.jsonl"
+
+    @property
+    def trials_csv(self) -> Path:
+        return self.path / "trials.csv"
+
+    @property
+    def baselines_jsonl(self) -> Path:
+        return self.path / "baselines.jsonl"
+
+    @property
+    def pareto_json(self) -> Path:
+        return self.path / "pareto.json"
+
+    @property
+    def pareto_png(self) -> Path:
+        return self.path / "pareto.png"
+
+    @property
+    def summary_md(self) -> Path:
+        return self.path / "summary.md"
+
+    @property
+    def best_dir(self) -> Path:
+        return self.path / "best"
+
+    @property
+    def supernet_pt(self) -> Path:
+        return self.path / "supernet.pt"
+
+    @property
+    def study_db(self) -> Path:
+        return self.path / "study.db"
+
+    @property
+    def models_dir(self) -> Path:
+        """Per-spec weights of trained candidates (train evaluator), keyed by spec digest."""
+        return self.path / "models"
+
+    def create(self) -> RunDirectory:
+        """Make the folder (and parents)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self
+
+    # -- metadata ----------------------------------------------------------------------------
+
+    def write_meta(self, meta: Mapping[str, Any]) -> None:
+        """``run.json``: the search settings and anything needed to read the results."""
+        atomic_write_text(self.run_json, json.dumps(dict(meta), indent=2, sort_keys=True) + "\n")
+
+    def read_meta(self) -> dict[str, Any]:
+        """``run.json`` as a dict ({} when absent)."""
+        if not self.run_json.is_file():
+            return {}
+        data: dict[str, Any] = json.loads(self.run_json.read_text(encoding="utf-8"))
+        return data
+
+    # -- trials ------------------------------------------------------------------------------
+
+    def write_trials(self, results: Sequence[TrialResult]) -> None:
+        """``trials.jsonl`` and ``trials.csv``, sorted by trial number."""
+        ordered = sorted(results, key=lambda r: r.number)
+        write_jsonl(self.trials_jsonl, ordered)
+        write_csv(self.trials_csv, ordered)
+
+    def read_trials(self) -> list[TrialResult]:
+        """``trials.jsonl`` ([] when absent)."""
+        return read_jsonl(self.trials_jsonl) if self.trials_jsonl.is_file() else []
+
+    def write_baselines(self, results: Sequence[TrialResult]) -> None:
+        """``baselines.jsonl``."""
+        write_jsonl(self.baselines_jsonl, results)
+
+    def read_baselines(self) -> list[TrialResult]:
+        """``baselines.jsonl`` ([] when absent)."""
+        return read_jsonl(self.baselines_jsonl) if self.baselines_jsonl.is_file() else []
+
+    # -- Pareto front --------------------------------------------------------------------------
+
+    def write_pareto(
+        self,
+        results: Sequence[TrialResult],
+        baselines: Sequence[TrialResult] = (),
+        *,
+        cost: str = "macs",
+        plot: bool = True,
+    ) -> list[TrialResult]:
+        """``pareto.json`` (and ``pareto.png`` when ``plot``); returns the front.
+
+        The hypervolume's reference point is (1.1 x the largest cost of a COMPLETE trial,
+        accuracy 0), recorded in the file; compare hypervolumes only at equal reference points.
+        """
+        front = pareto(results, cost)
+        costs = [r.cost(cost) for r in results if r.state == "COMPLETE"]
+        finite = [c for c in costs if c is not None]
+        ref_cost = 1.1 * max(finite) if finite else 0.0
+        hv = (
+            results_hypervolume(results, cost, ref_cost=ref_cost, cost_scale=_COST_DIV[cost])
+            if finite
+            else 0.0
+        )
+        data = {
+            "cost": cost,
+            "objectives": {"accuracy": "maximize", cost: "minimize"},
+            "reference": {"accuracy": 0.0, cost: ref_cost},
+            "hypervolume": hv,
+            "hypervolume_unit": f"accuracy x {_COST_LABEL[cost]}",
+            "front": [r.to_dict() for r in front],
+            "baselines": [r.to_dict() for r in baselines],
+        }
+        atomic_write_text(self.pareto_json, json.dumps(data, indent=2, sort_keys=True) + "\n")
+        if plot:
+            try:
+                self._plot(results, front, baselines, cost)
+            except Exception as exc:  # a plot must never cost the results
+                _LOG.warning("could not draw %s: %s", self.pareto_png, exc)
+        return front
+
+    def _plot(
+        self,
+        results: Sequence[TrialResult],
+        front: Sequence[TrialResult],
+        baselines: Sequence[TrialResult],
+        cost: str,
+    ) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        div = _COST_DIV[cost]
+
+        def xy(rs: Sequence[TrialResult]) -> tuple[list[float], list[float]]:
+            pts = [
+                ((r.cost(cost) or 0.0) / div, 100.0 * (r.accuracy or 0.0))
+                for r in rs
+                if r.cost(cost) is not None and r.accuracy is not None
+            ]
+            return [p[0] for p in pts], [p[1] for p in pts]
+
+        fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=100)
+        done = [r for r in results if r.state == "COMPLETE"]
+        x, y = xy(done)
+        ax.scatter(x, y, c="0.65", s=18, label=f"trials ({len(done)})", zorder=1)
+        x, y = xy(front)
+        ax.step(x, y, where="post", c="tab:red", lw=1.2, zorder=2)
+        ax.scatter(x, y, c="tab:red", s=30, label=f"Pareto front ({len(front)})", zorder=3)
+        for r, marker in zip(baselines, "*Dsv^<>ph", strict=False):
+            bx, by = xy([r])
+            if bx:
+                ax.scatter(bx, by, marker=marker, s=110, zorder=4, label=r.name or "baseline")
+        ax.set_xlabel(_COST_LABEL[cost])
+        ax.set_ylabel("validation accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        atomic_write_bytes(self.pareto_png, buf.getvalue())
+
+    # -- best model and summary ----------------------------------------------------------------
+
+    def write_best(self, result: TrialResult, state_dict: Mapping[str, Any] | None) -> None:
+        """``best/spec.txt``, ``best/metrics.json`` and, with weights, ``best/model.pt``."""
+        atomic_write_text(self.best_dir / "spec.txt", result.spec + "\n")
+        atomic_write_text(
+            self.best_dir / "metrics.json",
+            json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n",
+        )
+        if state_dict is not None:
+            import torch
+
+            buf = io.BytesIO()
+            torch.save({"spec": result.spec, "state_dict": dict(state_dict)}, buf)
+            atomic_write_bytes(self.best_dir / "model.pt", buf.getvalue())
+
+    def write_summary(
+        self,
+        results: Sequence[TrialResult],
+        baselines: Sequence[TrialResult] = (),
+        *,
+        title: str,
+        score: str,
+        multi_objective: bool,
+        top_k: int = 10,
+        cost: str = "macs",
+    ) -> str:
+        """``summary.md``; returns its text."""
+        text = summary_text(
+            results,
+            baselines,
+            title=title,
+            score=score,
+            multi_objective=multi_objective,
+            top_k=top_k,
+            cost=cost,
+        )
+        atomic_write_text(self.summary_md, text)
+        return text
+
+
+def summary_text(
+    results: Sequence[TrialResult],
+    baselines: Sequence[TrialResult] = (),
+    *,
+    title: str,
+    score: str,
+    multi_objective: bool,
+    top_k: int = 10,
+    cost: str = "macs",
+) -> str:
+    """The ``summary.md`` text (also what ``aanas show`` prints)."""
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.state] = counts.get(r.state, 0) + 1
+    states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "none"
+    best = best_result(results, multi_objective=multi_objective)
+    lines = [f"# {title}", "", f"- score: {score}", f"- trials: {len(results)} ({states})"]
+    if best is not None:
+        lines += [
+            f"- best: trial {best.number}, accuracy {100 * (best.accuracy or 0):.2f}%, "
+            f"{_fmt(best.macs, 1e6, 2)}M MACs, {_fmt(best.n_params, 1e6, 3)}M params"
+            + (f", reward {best.reward:.4f}" if best.reward is not None else ""),
+            f"- best spec: `{best.spec}`",
+        ]
+    lines.append("")
+    top = rank(results, multi_objective=multi_objective)[:top_k]
+    lines.append(format_table(top, title=f"Top {len(top)}"))
+    front = pareto(results, cost)
+    lines.append(format_table(front, title=f"Pareto front (accuracy vs {cost})"))
+    if baselines:
+        lines.append(format_table(list(baselines), title="Baselines (same evaluator)"))
+    failed = [r for r in results if r.state == "FAIL"]
+    if failed:
+        lines += ["### Failed trials", ""]
+        lines += [f"- {r.number}: {r.error or 'unknown error'}" for r in failed]
+        lines.append("")
+    return "\n".join(lines)

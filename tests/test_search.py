@@ -1,0 +1,353 @@
+"""aanas.search: scoring, objective, Optuna and Ray engines, run directory, CLI.
+
+Engine tests use cheap stand-in evaluators (accuracy from the spec, no training), so they test
+the search machinery; one test runs the real supernet evaluator end to end on digits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aanas.cli import main
+from aanas.results import read_jsonl
+from aanas.search import Evaluation, Objective, SearchRecipe, run_search, show_run
+from aanas.search.scoring import HARD_EXPONENTS, SOFT_EXPONENTS, Budget, Scorer, mnasnet_reward
+from aanas.space import SearchSpace
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class SpecEvaluator:
+    """Deterministic pseudo-accuracy from the spec; counts evaluations and their MACs."""
+
+    name = "fake"
+
+    def __init__(self, fail_on: str = "", sleep: float = 0.0) -> None:
+        self.seen: list[str] = []
+        self.fail_on = fail_on  # substring of a spec string that makes evaluation raise
+        self.sleep = sleep
+
+    def evaluate(self, spec, *, seed, report):
+        text = spec.encode()
+        self.seen.append(text)
+        if self.sleep:
+            time.sleep(self.sleep)
+        if self.fail_on and self.fail_on in text:
+            from aanas.train import NonFiniteLossError
+
+            raise NonFiniteLossError(0, 3, float("nan"))
+        acc = 0.5 + (int(spec.digest(), 16) % 1000) / 2500.0  # in [0.5, 0.9)
+        if report is not None:
+            report(0, acc)
+        return Evaluation(acc, {"val_loss": 1.0 - acc})
+
+    def state_dict_for(self, spec, *, seed):
+        return {}
+
+
+def _fast(**kw) -> SearchRecipe:
+    base = dict(trials=6, heartbeat_s=1, grace_s=2, evaluator="train")
+    base.update(kw)
+    return SearchRecipe(**base)
+
+
+# --- scoring ----------------------------------------------------------------------------------
+
+
+def test_mnasnet_reward_by_hand():
+    # soft: 0.75 * (400/300)^-0.07
+    assert mnasnet_reward(0.75, 400, 300, alpha=-0.07, beta=-0.07) == pytest.approx(
+        0.75 * (4 / 3) ** -0.07
+    )
+    assert mnasnet_reward(0.75, 400, 300, alpha=-0.07, beta=-0.07) == pytest.approx(
+        0.73505, abs=1e-5
+    )
+    # hard: no bonus under the target, T/LAT penalty above it
+    a, b = HARD_EXPONENTS
+    assert mnasnet_reward(0.8, 100, 300, alpha=a, beta=b) == pytest.approx(0.8)
+    assert mnasnet_reward(0.8, 600, 300, alpha=a, beta=b) == pytest.approx(0.4)
+    soft = Scorer("soft", "macs", 300.0)
+    assert soft.exponents == SOFT_EXPONENTS
+    assert soft.reward(0.8, 150) == pytest.approx(0.8 * 0.5**-0.07)
+    assert Scorer("pareto").values(0.8, 5.0) == (0.8, 5.0)
+    assert Scorer("pareto").directions == ("maximize", "minimize")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"target_macs": -1.0},
+        {"engine": "hyperopt"},
+        {"evaluator": "oracle"},
+        {"trials": 0},
+        {"sampler": "nsga2"},  # nsga2 needs --score pareto
+        {"val_fraction": 0.0},
+    ],
+)
+def test_recipe_rejects_bad_settings(kwargs):
+    with pytest.raises(ValueError):
+        SearchRecipe(**kwargs)
+    with pytest.raises(ValueError):
+        Scorer("soft", "macs", 0.0)
+    with pytest.raises(ValueError):
+        Budget(max_macs=-5)
+
+
+# --- objective --------------------------------------------------------------------------------
+
+
+def test_objective_hard_budget_never_evaluates_over_budget():
+    space = SearchSpace.from_yaml("tiny")
+    ev = SpecEvaluator()
+    budget = 5e6
+    obj = Objective(space, ev, scorer=Scorer("soft", "macs", 5e6), budget=Budget(max_macs=budget))
+    rng = np.random.default_rng(0)
+    results = [obj(space.sample_params(rng), number=i) for i in range(40)]
+    states = {r.state for r in results}
+    assert states == {"COMPLETE", "REJECTED"}
+    for r in results:
+        if r.state == "REJECTED":
+            assert r.macs > budget and r.accuracy is None and "over budget" in r.note
+            assert r.spec not in ev.seen
+        else:
+            assert r.macs <= budget and r.reward is not None
+    assert len(ev.seen) == sum(r.state == "COMPLETE" for r in results)
+
+
+def test_objective_records_failure_and_bad_params():
+    space = SearchSpace.from_yaml("tiny")
+    obj = Objective(space, SpecEvaluator(fail_on="c"), scorer=Scorer("accuracy"))
+    r = obj(space.sample_params(np.random.default_rng(1)), number=3)
+    assert r.state == "FAIL" and r.error.startswith("NonFiniteLossError: non-finite")
+    bad = obj({"nope": 1}, number=4)
+    assert bad.state == "FAIL" and "unknown parameter" in bad.error
+
+
+# --- Optuna engine ------------------------------------------------------------------------------
+
+
+def test_optuna_search_writes_run_dir(tmp_path):
+    out = tmp_path / "run"
+    outcome = run_search(_fast(trials=8), out=out, evaluator=SpecEvaluator(), progress=False)
+    for name in (
+        "run.json",
+        "trials.csv",
+        "trials.jsonl",
+        "pareto.json",
+        "pareto.png",
+        "summary.md",
+        "study.db",
+        "best/spec.txt",
+        "best/metrics.json",
+        "best/model.pt",
+    ):
+        assert (out / name).is_file(), name
+    records = read_jsonl(out / "trials.jsonl")
+    assert len(records) == 8 and all(r.spec.startswith("mnasnet:") for r in records)
+    assert outcome.best is not None
+    assert (out / "best/spec.txt").read_text().strip() == outcome.best.spec
+    front = json.loads((out / "pareto.json").read_text())["front"]
+    assert front and all(p["state"] == "COMPLETE" for p in front)
+    text = show_run(out)
+    assert outcome.best.spec in text and "Pareto front" in text
+
+
+def test_failed_trial_is_recorded_and_search_continues(tmp_path):
+    ev = SpecEvaluator(fail_on="k5")  # every spec with a 5x5 kernel "diverges"
+    outcome = run_search(_fast(trials=8), out=tmp_path / "r", evaluator=ev, progress=False)
+    failed = [r for r in outcome.results if r.state == "FAIL"]
+    assert failed and all("NonFiniteLossError" in r.error for r in failed)
+    assert any(r.state == "COMPLETE" for r in outcome.results)
+    assert len(outcome.results) == 8
+    assert "Failed trials" in (tmp_path / "r" / "summary.md").read_text()
+
+
+def test_hard_budget_in_search_never_evaluates_over_budget(tmp_path):
+    ev = SpecEvaluator()
+    outcome = run_search(
+        _fast(trials=10, max_macs=5e6), out=tmp_path / "r", evaluator=ev, progress=False
+    )
+    rejected = [r for r in outcome.results if r.state == "REJECTED"]
+    assert rejected and all(r.spec not in ev.seen for r in rejected)
+    assert all(r.macs <= 5e6 for r in outcome.results if r.state == "COMPLETE")
+
+
+def test_pareto_mode_nsga2_with_budget(tmp_path):
+    ev = SpecEvaluator()
+    outcome = run_search(
+        _fast(trials=10, score="pareto", max_macs=7e6),
+        out=tmp_path / "r",
+        evaluator=ev,
+        progress=False,
+    )
+    assert outcome.front and all(r.macs <= 7e6 for r in outcome.front)
+    assert all(r.reward is None for r in outcome.results)
+
+
+def test_same_seed_same_first_specs(tmp_path):
+    def specs(seed, name):
+        o = run_search(
+            _fast(trials=5, seed=seed),
+            out=tmp_path / name,
+            evaluator=SpecEvaluator(),
+            progress=False,
+        )
+        return [r.spec for r in sorted(o.results, key=lambda r: r.number)]
+
+    assert specs(3, "a") == specs(3, "b")
+    assert specs(3, "a2") != specs(4, "c")
+
+
+def test_resume_finishes_the_remainder(tmp_path):
+    out = tmp_path / "r"
+    first = run_search(_fast(trials=4), out=out, evaluator=SpecEvaluator(), progress=False)
+    ev = SpecEvaluator()
+    second = run_search(_fast(trials=7), out=out, evaluator=ev, progress=False)
+    assert [r.number for r in second.results] == list(range(7))
+    before = {r.number: r for r in first.results}
+    for n, r in before.items():
+        assert second.results[n].spec == r.spec and second.results[n].state == r.state
+    assert len(ev.seen) <= 3  # only the remainder was evaluated (duplicates are not re-run)
+
+
+# --- kill -9 and resume (a real `aanas search` process) ----------------------------------------
+
+_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    import aanas.search.evaluators as ev
+    from test_search import SpecEvaluator
+    ev.build_evaluator = lambda *a, **k: SpecEvaluator(sleep={sleep})
+    from aanas.cli import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def _cli(args, sleep):
+    code = _SCRIPT.format(tests=str(Path(__file__).parent), sleep=sleep)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return [sys.executable, "-c", code, *args], env
+
+
+def _db_states(db: Path) -> list[tuple[int, str]]:
+    con = sqlite3.connect(db)
+    try:
+        return con.execute("SELECT number, state FROM trials ORDER BY number").fetchall()
+    finally:
+        con.close()
+
+
+def test_kill_9_then_resume(tmp_path):
+    out = tmp_path / "r"
+    args = [
+        "search", "--evaluator", "train", "--trials", "6", "--out", str(out), "--no-progress",
+        "--set", "heartbeat_s=1", "--set", "grace_s=2",
+    ]  # fmt: skip
+    cmd, env = _cli(args, sleep=1.0)
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    deadline = time.time() + 90
+    try:
+        while time.time() < deadline:
+            jsonl = out / "trials.jsonl"
+            if jsonl.is_file() and any(r.state == "COMPLETE" for r in read_jsonl(jsonl)):
+                break
+            assert proc.poll() is None, proc.stdout.read().decode()
+            time.sleep(0.2)
+        else:
+            pytest.fail("no trial completed in time")
+        time.sleep(0.5)  # likely mid-trial
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    before = {r.number: r for r in read_jsonl(out / "trials.jsonl") if r.state == "COMPLETE"}
+    assert before and len(before) < 6
+    time.sleep(2.5)  # past the grace period: the killed trial's heartbeat is stale
+    cmd, env = _cli(args, sleep=0.0)
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    after = read_jsonl(out / "trials.jsonl")
+    numbers = [r.number for r in after]
+    assert len(numbers) == len(set(numbers))
+    by_number = {r.number: r for r in after}
+    for n, r in before.items():  # no completed trial lost or changed
+        assert by_number[n].state == "COMPLETE" and by_number[n].spec == r.spec
+        assert by_number[n].accuracy == r.accuracy
+    states = [s for _, s in _db_states(out / "study.db")]
+    assert "RUNNING" not in states and "WAITING" not in states
+    finished = sum(r.state in ("COMPLETE", "PRUNED", "FAIL", "REJECTED") for r in after)
+    lost = sum(r.state == "FAIL" and r.error.startswith("worker lost") for r in after)
+    assert finished - lost == 6
+    assert "best:" in done.stdout and str(out) in done.stdout
+
+
+# --- CLI errors ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--target-macs=-5M"], "target_macs"),
+        (["--engine", "hyperopt"], "engine"),
+        (["--space", "no_such_space"], "no_such_space"),
+        (["--storage", "notadb://x"], "storage"),
+        (["--trials", "many"], "trials"),
+        (["--score", "pareto", "--sampler", "tpe", "--max-latency-ms=-1"], "max_latency_ms"),
+    ],
+)
+def test_bad_flags_give_one_line_error(tmp_path, capsys, args, needle):
+    code = main(["search", "--out", str(tmp_path / "r"), "--no-progress", *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("aanas: error:") and err.count("\n") == 1 and needle in err
+
+
+def test_show_errors(tmp_path, capsys):
+    assert main(["show", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.startswith("aanas: error:")
+
+
+# --- Ray Tune engine ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_search_writes_run_dir_and_resumes(tmp_path, ray_local):
+    out = tmp_path / "ray"
+    recipe = _fast(engine="ray", trials=4, cpus_per_trial=1)
+    outcome = run_search(recipe, out=out, evaluator=SpecEvaluator(), progress=False)
+    assert len(outcome.results) == 4
+    assert sorted(r.number for r in outcome.results) == [0, 1, 2, 3]
+    assert all(r.state == "COMPLETE" and r.spec for r in outcome.results)
+    for name in ("trials.csv", "trials.jsonl", "pareto.json", "pareto.png", "summary.md",
+                 "best/spec.txt", "best/metrics.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    assert (out / "ray").is_dir()
+    # same command again: restored from the experiment folder, nothing lost
+    again = run_search(recipe, out=out, evaluator=SpecEvaluator(), progress=False)
+    assert [r.spec for r in again.results] == [r.spec for r in outcome.results]
