@@ -1,1 +1,42 @@
-"""cost."""
+"""Cost models of aanas networks: params, MACs/FLOPs and latency (measured or predicted).
+
+Every cost takes a spec (plus input size) so results can be cached; see :mod:`aanas.cost.flops`
+for the MAC counting convention (Bello et al., arXiv:1904.09925, count FLOPs = 2 x MACs) and
+:mod:`aanas.cost.latency` for measurement and the per-block latency table.
+"""
+
+from __future__ import annotations
+
+from aanas.cost.flops import (
+    Cost,
+    aa_conv_cost,
+    block_cost,
+    count,
+    count_module,
+    count_spec,
+    reference_macs,
+)
+from aanas.cost.latency import (
+    LatencyResult,
+    LatencyTable,
+    block_signature,
+    cache_dir,
+    machine_fingerprint,
+    measure,
+)
+
+__all__ = [
+    "Cost",
+    "LatencyResult",
+    "LatencyTable",
+    "aa_conv_cost",
+    "block_cost",
+    "block_signature",
+    "cache_dir",
+    "count",
+    "count_module",
+    "count_spec",
+    "machine_fingerprint",
+    "measure",
+    "reference_macs",
+]

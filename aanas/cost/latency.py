@@ -1,0 +1,891 @@
+"""Measured and predicted latency of aanas networks.
+
+Two parts:
+
+* :func:`measure` times one network (a module or an :class:`~aanas.spec.ArchSpec`) on PyTorch or
+  onnxruntime with a fixed thread count: warm-up, many timed repeats, median and interquartile
+  range. Results of specs are cached on disk, keyed by the spec digest, the measurement settings
+  and a fingerprint of the machine (CPU model, torch and onnxruntime versions), so a search never
+  measures the same network twice on the same machine.
+* :class:`LatencyTable` predicts a network's latency from a per-block lookup table, the approach
+  of MnasNet (Tan et al., arXiv:1807.11626), FBNet (Wu et al., arXiv:1812.03443) and
+  Once-for-All (Cai et al., arXiv:1908.09791): every distinct block configuration (its
+  :class:`~aanas.spec.ResolvedBlock` fields without the name) is measured once at its input
+  resolution, and a network costs the sum of its stem, blocks and head plus a constant overhead
+  fitted by least squares on a few measured whole networks. Parts are timed with cold caches
+  (a 64 MiB buffer is touched, untimed, before every run) and in interleaved rounds, so that
+  they see what they see inside a network and a slow phase of a shared machine is spread over
+  all of them.
+
+Latency here is the time of one forward pass in eval mode under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from aanas.spec import ArchSpec, ResolvedArch, ResolvedBlock, resolve
+
+__all__ = [
+    "BACKENDS",
+    "LatencyResult",
+    "LatencyTable",
+    "block_signature",
+    "cache_dir",
+    "machine_fingerprint",
+    "measure",
+]
+
+_LOG = logging.getLogger(__name__)
+
+BACKENDS: tuple[str, ...] = ("torch", "onnxruntime")
+# Default repeats/warm-up: 1-thread CPU forwards of the small networks a search measures take
+# 1-50 ms, so 50 repeats keep one measurement under a few seconds while the median over 50 is
+# stable to a few percent on a quiet machine.
+_DEFAULT_REPEATS = 50
+_DEFAULT_WARMUP = 10
+_CACHE_VERSION = 1  # bump when the cached record's layout or the timing method changes
+_ONNX_OPSET = 17
+
+
+# --- results and machine identity -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    """One latency measurement: summary statistics of ``repeats`` timed forward passes."""
+
+    median_ms: float
+    iqr_ms: float  # 75th minus 25th percentile
+    mean_ms: float
+    min_ms: float
+    repeats: int
+    backend: str
+    threads: int
+    batch: int
+    device: str
+    input_size: int
+    cached: bool = False  # True when read from the on-disk cache
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (the cache record)."""
+        return dataclasses.asdict(self)
+
+
+def _cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo (Linux), else ``platform.processor()``."""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _ort_version() -> str:
+    try:
+        import onnxruntime
+
+        return str(onnxruntime.__version__)
+    except ImportError:  # pragma: no cover - a required dependency, but keep torch-only use alive
+        return "none"
+
+
+def machine_fingerprint(device: str = "cpu") -> dict[str, str]:
+    """What makes a latency number comparable: CPU (or GPU) model and library versions."""
+    fp = {
+        "cpu": _cpu_model(),
+        "torch": str(torch.__version__),
+        "onnxruntime": _ort_version(),
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        fp["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return fp
+
+
+def _fingerprint_digest(fp: dict[str, str]) -> str:
+    """Stable 16-hex-digit hash of a fingerprint dict."""
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_dir(path: str | os.PathLike[str] | None = None) -> Path:
+    """The latency cache directory: ``path``, else ``$AANAS_CACHE_DIR``, else
+    ``~/.cache/aanas/latency``."""
+    if path is not None:
+        return Path(path)
+    env = os.environ.get("AANAS_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path.home() / ".cache" / "aanas" / "latency"
+
+
+# --- timing -------------------------------------------------------------------------------------
+
+
+def _time_runs(
+    run: Callable[[], object],
+    repeats: int,
+    warmup: int,
+    sync: bool,
+    before: Callable[[], object] | None = None,
+) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``run`` after ``warmup`` untimed calls;
+    ``before`` (untimed) runs ahead of every timed call."""
+    for _ in range(warmup):
+        run()
+    if sync:
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        if before is not None:
+            before()
+            if sync:
+                torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        if sync:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _summarize(times_s: Sequence[float], **meta: Any) -> LatencyResult:
+    """Median / IQR / mean / min in milliseconds."""
+    ms = np.asarray(times_s, dtype=np.float64) * 1e3
+    q1, q3 = np.percentile(ms, [25, 75])
+    return LatencyResult(
+        median_ms=float(np.median(ms)),
+        iqr_ms=float(q3 - q1),
+        mean_ms=float(ms.mean()),
+        min_ms=float(ms.min()),
+        repeats=len(ms),
+        **meta,
+    )
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """Set torch's intra-op thread count for the block, then restore it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _time_module(
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    backend: str,
+    threads: int,
+    device: str,
+    repeats: int,
+    warmup: int,
+    before: Callable[[], object] | None = None,
+) -> list[float]:
+    """Per-run seconds of ``model(example)`` on the given backend (model already in eval)."""
+    if backend == "torch":
+        model = model.to(device)
+        x = example.to(device)
+        with _torch_threads(threads), torch.no_grad():
+            return _time_runs(
+                lambda: model(x), repeats, warmup, sync=device.startswith("cuda"), before=before
+            )
+    if device != "cpu":
+        raise ValueError(f"backend 'onnxruntime' runs on device 'cpu' only, got {device!r}")
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="aanas-onnx-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model.cpu(),
+                (example.cpu(),),
+                path,
+                opset_version=_ONNX_OPSET,
+                input_names=["input"],
+                output_names=["output"],
+                dynamo=False,
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    feed = {"input": example.cpu().numpy()}
+    return _time_runs(lambda: session.run(None, feed), repeats, warmup, sync=False, before=before)
+
+
+def _check_settings(backend: str, threads: int, batch: int, repeats: int, warmup: int) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    for name, value, low in (
+        ("threads", threads, 1),
+        ("batch", batch, 1),
+        ("repeats", repeats, 1),
+        ("warmup", warmup, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+# --- the cache ----------------------------------------------------------------------------------
+
+
+def _cache_key(
+    digest: str, input_size: int, backend: str, threads: int, batch: int, device: str
+) -> tuple[str, dict[str, Any]]:
+    """File name and full key record of one measurement."""
+    fp = machine_fingerprint(device)
+    key = {
+        "version": _CACHE_VERSION,
+        "spec": digest,
+        "input_size": input_size,
+        "backend": backend,
+        "threads": threads,
+        "batch": batch,
+        "device": device,
+        "machine": fp,
+    }
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return f"{digest}-{name}.json", key
+
+
+def _read_cache(path: Path, key: dict[str, Any]) -> LatencyResult | None:
+    """The cached result at ``path`` if it exists, parses and matches ``key``; else None."""
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record["key"] != key:
+            _LOG.warning("latency cache entry %s has a different key; remeasuring", path)
+            return None
+        fields = {f.name for f in dataclasses.fields(LatencyResult)}
+        values = {k: v for k, v in record["result"].items() if k in fields}
+        result = LatencyResult(**{**values, "cached": True})
+        if not (math.isfinite(result.median_ms) and result.median_ms > 0):
+            raise ValueError(f"median_ms={result.median_ms}")
+        return result
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        _LOG.warning("ignoring corrupt latency cache entry %s (%s); remeasuring", path, exc)
+        return None
+
+
+def _write_cache(path: Path, key: dict[str, Any], result: LatencyResult) -> None:
+    """Write atomically: a tempfile in the same directory, then ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"key": key, "result": {**result.to_dict(), "cached": False}}
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# --- measure ------------------------------------------------------------------------------------
+
+
+def _as_model(
+    model_or_spec: nn.Module | ArchSpec | str, input_size: int | None
+) -> tuple[nn.Module, ArchSpec | None, int]:
+    """(module, its spec if known, input size) for whatever :func:`measure` was given."""
+    from aanas.cost.flops import _as_spec  # local: flops imports models lazily as well
+
+    if isinstance(model_or_spec, nn.Module):
+        spec = getattr(model_or_spec, "spec", None)
+        spec = spec if isinstance(spec, ArchSpec) else None
+        size = input_size or (spec.input_size if spec is not None else None)
+        if size is None:
+            raise ValueError("input_size is required for a module without a .spec")
+        if spec is not None and size != spec.input_size:
+            spec = dataclasses.replace(spec, input_size=size)
+        return model_or_spec, spec, size
+    spec = _as_spec(model_or_spec, input_size)
+    from aanas.models import create_model
+
+    return create_model(spec), spec, spec.input_size
+
+
+def measure(
+    model_or_spec: nn.Module | ArchSpec | str,
+    input_size: int | None = None,
+    backend: str = "torch",
+    threads: int = 1,
+    batch: int = 1,
+    device: str = "cpu",
+    repeats: int = _DEFAULT_REPEATS,
+    warmup: int = _DEFAULT_WARMUP,
+    *,
+    cache: bool = True,
+    cache_path: str | os.PathLike[str] | None = None,
+) -> LatencyResult:
+    """Median and interquartile range of one forward pass.
+
+    The model runs in eval mode under ``torch.no_grad()`` with ``threads`` intra-op threads
+    (torch's previous thread count is restored afterwards); ``warmup`` untimed runs precede
+    ``repeats`` runs timed with ``time.perf_counter`` (CUDA is synchronized around each). With
+    ``backend="onnxruntime"`` the model is exported with ``torch.onnx.export`` (opset 17) to a
+    temporary file and run by an ``InferenceSession`` with ``intra_op_num_threads=threads``.
+
+    Networks with a spec (an ArchSpec, a preset name or spec string, or a module with a ``.spec``)
+    are cached on disk under :func:`cache_dir` keyed by spec digest, input size, backend, threads,
+    batch, device and :func:`machine_fingerprint`; writes are atomic and an unreadable entry is
+    ignored with a warning and remeasured.
+
+    Args:
+        model_or_spec: module, ArchSpec, registered preset name or spec string.
+        input_size: square input side; defaults to the spec's own.
+        backend: ``"torch"`` or ``"onnxruntime"``.
+        threads: intra-op threads.
+        batch: batch size.
+        device: ``"cpu"`` or ``"cuda[:i]"`` (torch backend only).
+        repeats: timed runs.
+        warmup: untimed runs before them.
+        cache: read and write the on-disk cache.
+        cache_path: cache directory (default: :func:`cache_dir`).
+
+    Returns:
+        A :class:`LatencyResult` (``cached=True`` when read from the cache).
+
+    Raises:
+        ValueError: on an unknown backend or a non-positive setting.
+    """
+    _check_settings(backend, threads, batch, repeats, warmup)
+    model, spec, size = _as_model(model_or_spec, input_size)
+    path: Path | None = None
+    key: dict[str, Any] = {}
+    if cache and spec is not None:
+        name, key = _cache_key(spec.digest(), size, backend, threads, batch, device)
+        path = cache_dir(cache_path) / name
+        hit = _read_cache(path, key)
+        if hit is not None:
+            _LOG.debug("latency cache hit %s", path)
+            return hit
+    was_training = model.training
+    model.eval()
+    try:
+        example = torch.randn(batch, 3, size, size)
+        times = _time_module(
+            model,
+            example,
+            backend=backend,
+            threads=threads,
+            device=device,
+            repeats=repeats,
+            warmup=warmup,
+        )
+    finally:
+        model.train(was_training)
+    result = _summarize(
+        times, backend=backend, threads=threads, batch=batch, device=device, input_size=size
+    )
+    if path is not None:
+        _write_cache(path, key, result)
+    return result
+
+
+# --- the per-block lookup table -----------------------------------------------------------------
+
+Signature = tuple[Any, ...]
+_BLOCK_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(ResolvedBlock) if f.name != "name"
+)
+_TABLE_VERSION = 1
+
+
+def block_signature(block: ResolvedBlock) -> Signature:
+    """``("block", type, in, mid, out, kernel, stride, in_size, out_size, se, act, residual,
+    dk, dv, heads, relative)``: every field of the ResolvedBlock but its name."""
+    return ("block", *(getattr(block, f) for f in _BLOCK_FIELDS))
+
+
+def _stem_signature(r: ResolvedArch) -> Signature:
+    st = r.spec.stem
+    return ("stem", st.type, r.stem_channels, st.kernel, st.stride, st.act, r.spec.input_size)
+
+
+def _head_signature(r: ResolvedArch) -> Signature:
+    last = r.blocks[-1]
+    return (
+        "head",
+        r.spec.family,
+        last.out_channels,
+        last.out_size,
+        r.head_channels,
+        r.spec.num_classes,
+    )
+
+
+def _signatures(r: ResolvedArch) -> list[Signature]:
+    """Stem, every block, head: the parts a network's prediction sums."""
+    return [_stem_signature(r), *(block_signature(b) for b in r.blocks), _head_signature(r)]
+
+
+def _part_input(sig: Signature, batch: int) -> torch.Tensor:
+    """A random input of the right shape for the part with signature ``sig``."""
+    if sig[0] == "stem":
+        size = sig[6]
+        return torch.randn(batch, 3, size, size)
+    if sig[0] == "block":
+        fields = dict(zip(_BLOCK_FIELDS, sig[1:], strict=True))
+        return torch.randn(batch, fields["in_channels"], fields["in_size"], fields["in_size"])
+    _, _, channels, size, *_ = sig
+    return torch.randn(batch, channels, size, size)
+
+
+# YAML field names of the stem / head signature tuples (after the kind).
+_STEM_KEYS: tuple[str, ...] = ("type", "channels", "kernel", "stride", "act", "input_size")
+_HEAD_KEYS: tuple[str, ...] = ("family", "in_channels", "in_size", "head_channels", "num_classes")
+
+
+def _sig_to_yaml(sig: Signature) -> dict[str, Any]:
+    """One signature as a readable YAML mapping."""
+    if sig[0] == "block":
+        return {"kind": "block", **dict(zip(_BLOCK_FIELDS, sig[1:], strict=True))}
+    keys = _STEM_KEYS if sig[0] == "stem" else _HEAD_KEYS
+    return {"kind": sig[0], **dict(zip(keys, sig[1:], strict=True))}
+
+
+def _sig_from_yaml(data: dict[str, Any]) -> Signature:
+    """Inverse of :func:`_sig_to_yaml`."""
+    kind = data["kind"]
+    if kind == "block":
+        return ("block", *(data[f] for f in _BLOCK_FIELDS))
+    if kind == "stem":
+        keys = _STEM_KEYS
+    elif kind == "head":
+        keys = _HEAD_KEYS
+    else:
+        raise ValueError(f"unknown LUT entry kind {kind!r}; expected block, stem or head")
+    return (kind, *(data[k] for k in keys))
+
+
+class LatencyTable:
+    """Per-block latency lookup table: predict = stem + sum(blocks) + head + overhead.
+
+    Every entry is one distinct part (stem, block signature, head), measured once in isolation
+    on an input of its own resolution with the same settings (backend, threads, batch, device).
+    ``overhead_ms`` is a constant fitted by least squares to ``measured - sum(parts)`` over a
+    few whole networks (the mean residual): it absorbs what per-part timing misses (the
+    framework's per-call overhead, cache effects between consecutive blocks).
+
+    Parts are timed with cold caches by default (``flush_cache``): an untimed pass over a
+    64 MiB buffer precedes every timed run. Timed back to back, a lone block keeps its weights
+    in L1/L2 and looks much faster than inside a network, where the other blocks' weights evict
+    them; on a 2-core AMD EPYC (2 MiB L2) sums of warm parts underestimated whole MnasNets at
+    64x64 by ~35 %, sums of flushed parts by ~2 % (one network; noisy machine).
+
+    The table records the :func:`machine_fingerprint` it was measured on; :meth:`load` refuses
+    (with a warning) a table from another machine.
+    """
+
+    def __init__(
+        self,
+        entries: dict[Signature, float] | None = None,
+        *,
+        overhead_ms: float = 0.0,
+        scale: float = 1.0,
+        backend: str = "torch",
+        threads: int = 1,
+        batch: int = 1,
+        device: str = "cpu",
+        flush_cache: bool = True,
+        fingerprint: dict[str, str] | None = None,
+    ) -> None:
+        """Creates a table (usually via :meth:`build` or :meth:`load`).
+
+        Args:
+            entries: signature -> median milliseconds.
+            overhead_ms: constant added to every prediction.
+            scale: factor on the sum of parts (1 unless fitted with ``fit_scale``).
+            backend: measurement backend of the entries.
+            threads: intra-op threads of the entries.
+            batch: batch size of the entries.
+            device: device of the entries.
+            flush_cache: evict the CPU caches (untimed) before every timed run of a part,
+                see the class docstring.
+            fingerprint: machine the entries were measured on (default: this one).
+        """
+        _check_settings(backend, threads, batch, 1, 0)
+        self.entries: dict[Signature, float] = dict(entries or {})
+        self.overhead_ms = float(overhead_ms)
+        self.scale = float(scale)
+        self.backend = backend
+        self.threads = threads
+        self.batch = batch
+        self.device = device
+        self.flush_cache = flush_cache
+        self.fingerprint = fingerprint or machine_fingerprint(device)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __repr__(self) -> str:
+        return (
+            f"LatencyTable({len(self)} entries, scale={self.scale:.3f}, "
+            f"overhead={self.overhead_ms:.3f} ms, "
+            f"backend={self.backend!r}, threads={self.threads}, batch={self.batch})"
+        )
+
+    # -- prediction --
+
+    def missing(self, spec: ArchSpec) -> list[Signature]:
+        """Signatures of ``spec``'s parts that have no entry yet (in network order, unique)."""
+        seen: dict[Signature, None] = {}
+        for sig in _signatures(resolve(spec)):
+            if sig not in self.entries:
+                seen[sig] = None
+        return list(seen)
+
+    def parts(self, spec: ArchSpec) -> list[tuple[str, float]]:
+        """``(part name, ms)`` for the stem, every block and the head of ``spec``.
+
+        Raises:
+            KeyError: naming the first part that has no entry (see :meth:`update`).
+        """
+        r = resolve(spec)
+        names = ["stem", *(b.name for b in r.blocks), "head"]
+        out = []
+        for name, sig in zip(names, _signatures(r), strict=True):
+            if sig not in self.entries:
+                raise KeyError(f"no latency entry for {name} {_sig_to_yaml(sig)}; call update()")
+            out.append((name, self.entries[sig]))
+        return out
+
+    def predict(self, spec: ArchSpec) -> float:
+        """Predicted median latency of ``spec`` in milliseconds."""
+        return self.scale * sum(ms for _, ms in self.parts(spec)) + self.overhead_ms
+
+    # -- measurement --
+
+    def update(
+        self,
+        specs: Iterable[ArchSpec],
+        *,
+        repeats: int = _DEFAULT_REPEATS,
+        warmup: int = _DEFAULT_WARMUP,
+    ) -> int:
+        """Measure every part of ``specs`` that has no entry yet; returns how many were added.
+
+        With the torch backend, parts are timed in interleaved rounds (each round times every
+        part of a chunk of ``_ROUND_CHUNK`` once, in turn), so a slow phase of a shared machine
+        spreads over all parts of the chunk instead of inflating a few; each entry is the median
+        of its ``repeats`` rounds.
+        """
+        todo: dict[Signature, ArchSpec] = {}
+        for spec in specs:
+            for sig in self.missing(spec):
+                todo.setdefault(sig, spec)
+        items = list(todo.items())
+        flush = _cache_flusher(self.device) if self.flush_cache else None
+        for start in range(0, len(items), _ROUND_CHUNK):
+            chunk = items[start : start + _ROUND_CHUNK]
+            parts = [
+                (sig, _part_module(sig, spec).eval(), _part_input(sig, self.batch))
+                for sig, spec in chunk
+            ]
+            if self.backend == "torch":
+                times = _time_interleaved(
+                    [(m, x) for _, m, x in parts], self.threads, self.device, repeats, warmup, flush
+                )
+            else:
+                times = [
+                    _time_module(
+                        m,
+                        x,
+                        backend=self.backend,
+                        threads=self.threads,
+                        device=self.device,
+                        repeats=repeats,
+                        warmup=warmup,
+                        before=flush,
+                    )
+                    for _, m, x in parts
+                ]
+            for (sig, _, _), t in zip(parts, times, strict=True):
+                self.entries[sig] = float(np.median(t) * 1e3)
+            _LOG.debug("LUT: measured %d/%d parts", start + len(chunk), len(items))
+        return len(items)
+
+    def fit_overhead(
+        self,
+        specs: Sequence[ArchSpec],
+        measured_ms: Sequence[float],
+        *,
+        fit_scale: bool = False,
+    ) -> float:
+        """Least-squares fit of ``measured = sum(parts) + c`` (the mean residual); returns ``c``.
+
+        With ``fit_scale``, fits ``measured = a * sum(parts) + c`` instead (needs >= 2
+        networks of different sums) and stores ``a`` in :attr:`scale`: isolated cold-cache
+        part timings overstate blocks whose weights would stay cached inside a network, an
+        error that grows with the network rather than staying constant.
+        """
+        if len(specs) != len(measured_ms) or not specs:
+            raise ValueError("fit_overhead needs equally many (>= 1) specs and measurements")
+        sums = np.asarray([sum(ms for _, ms in self.parts(s)) for s in specs])
+        measured = np.asarray(measured_ms, dtype=np.float64)
+        if fit_scale:
+            if len(specs) < 2 or np.ptp(sums) == 0:
+                raise ValueError("fit_scale needs >= 2 networks with different part sums")
+            a, c = np.linalg.lstsq(np.stack([sums, np.ones_like(sums)], 1), measured, rcond=None)[0]
+            self.scale, self.overhead_ms = float(a), float(c)
+        else:
+            self.scale = 1.0
+            self.overhead_ms = float(np.mean(measured - sums))
+        return self.overhead_ms
+
+    @classmethod
+    def build(
+        cls,
+        space_or_specs: Any,
+        *,
+        samples: int = 200,
+        seed: int = 0,
+        fit_networks: int = 5,
+        fit_scale: bool = False,
+        backend: str = "torch",
+        threads: int = 1,
+        batch: int = 1,
+        device: str = "cpu",
+        flush_cache: bool = True,
+        input_size: int | None = None,
+        repeats: int = _DEFAULT_REPEATS,
+        warmup: int = _DEFAULT_WARMUP,
+        table: LatencyTable | None = None,
+    ) -> LatencyTable:
+        """Measure every distinct part of a space's samples (or of given specs), fit the overhead.
+
+        Args:
+            space_or_specs: a ``SearchSpace`` (sampled ``samples`` times with
+                ``numpy.random.default_rng(seed)``), a path to its YAML, or a sequence of specs.
+            samples: samples drawn from a space to enumerate its distinct blocks.
+            seed: sampling seed.
+            fit_networks: whole networks measured (the first ones) to fit ``overhead_ms``;
+                0 keeps the overhead.
+            fit_scale: also fit a factor on the sum of parts (see :meth:`fit_overhead`).
+            backend: measurement backend.
+            threads: intra-op threads.
+            batch: batch size.
+            device: device.
+            flush_cache: time parts with cold caches (see the class docstring).
+            input_size: replaces every spec's input size (e.g. 128 to measure faster).
+            repeats: timed runs per part and per network.
+            warmup: untimed runs before them.
+            table: an existing table to refresh (its settings win); None starts a new one.
+
+        Returns:
+            The table.
+        """
+        specs = _specs_of(space_or_specs, samples, seed)
+        if input_size is not None:
+            specs = [dataclasses.replace(s, input_size=input_size).validate() for s in specs]
+        if table is None:
+            table = cls(
+                backend=backend,
+                threads=threads,
+                batch=batch,
+                device=device,
+                flush_cache=flush_cache,
+            )
+        added = table.update(specs, repeats=repeats, warmup=warmup)
+        _LOG.info("LUT: measured %d new parts (%d in table)", added, len(table))
+        if fit_networks > 0:
+            fit = specs[:fit_networks]
+            measured = [
+                measure(
+                    s,
+                    backend=table.backend,
+                    threads=table.threads,
+                    batch=table.batch,
+                    device=table.device,
+                    repeats=repeats,
+                    warmup=warmup,
+                    cache=False,
+                ).median_ms
+                for s in fit
+            ]
+            table.fit_overhead(fit, measured, fit_scale=fit_scale)
+        return table
+
+    # -- persistence --
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the table as YAML (atomically), with its settings and machine fingerprint."""
+        data = {
+            "version": _TABLE_VERSION,
+            "fingerprint": dict(self.fingerprint),
+            "backend": self.backend,
+            "threads": self.threads,
+            "batch": self.batch,
+            "device": self.device,
+            "flush_cache": self.flush_cache,
+            "overhead_ms": self.overhead_ms,
+            "scale": self.scale,
+            "entries": [{**_sig_to_yaml(sig), "ms": float(ms)} for sig, ms in self.entries.items()],
+        }
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".yaml", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                yaml.safe_dump(data, f, sort_keys=False)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], *, check_fingerprint: bool = True
+    ) -> LatencyTable | None:
+        """Read a table written by :meth:`save`.
+
+        Returns:
+            The table, or None (with a logged warning) when it was measured on a machine with
+            another fingerprint and ``check_fingerprint`` is true.
+
+        Raises:
+            FileNotFoundError: if ``path`` does not exist.
+            ValueError: if the file is not a latency table.
+        """
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+        if not isinstance(data, dict) or data.get("version") != _TABLE_VERSION:
+            raise ValueError(f"{path}: not a version-{_TABLE_VERSION} aanas latency table")
+        expected = {"version", "fingerprint", "backend", "threads", "batch", "device"}
+        unknown = set(data) - expected - {"overhead_ms", "scale", "entries", "flush_cache"}
+        if unknown or not expected <= set(data):
+            raise ValueError(
+                f"{path}: unexpected or missing keys {sorted(unknown ^ (expected - set(data)))}"
+            )
+        fingerprint = {str(k): str(v) for k, v in data["fingerprint"].items()}
+        here = machine_fingerprint(data["device"])
+        if check_fingerprint and fingerprint != here:
+            _LOG.warning(
+                "latency table %s was measured on %s, this machine is %s; not using it",
+                path,
+                fingerprint,
+                here,
+            )
+            return None
+        entries = {}
+        for item in data.get("entries") or []:
+            item = dict(item)
+            ms = float(item.pop("ms"))
+            entries[_sig_from_yaml(item)] = ms
+        return cls(
+            entries,
+            overhead_ms=float(data.get("overhead_ms", 0.0)),
+            scale=float(data.get("scale", 1.0)),
+            backend=data["backend"],
+            threads=int(data["threads"]),
+            batch=int(data["batch"]),
+            device=data["device"],
+            flush_cache=bool(data.get("flush_cache", True)),
+            fingerprint=fingerprint,
+        )
+
+
+_ROUND_CHUNK = 64  # parts timed together in interleaved rounds (bounds the modules held)
+
+
+def _time_interleaved(
+    parts: Sequence[tuple[nn.Module, torch.Tensor]],
+    threads: int,
+    device: str,
+    repeats: int,
+    warmup: int,
+    before: Callable[[], object] | None,
+) -> list[list[float]]:
+    """Per-part seconds of ``repeats`` rounds, each round running every part once in turn."""
+    sync = device.startswith("cuda")
+    moved = [(m.to(device), x.to(device)) for m, x in parts]
+    times: list[list[float]] = [[] for _ in moved]
+    with _torch_threads(threads), torch.no_grad():
+        for m, x in moved:
+            for _ in range(warmup):
+                m(x)
+        for _ in range(repeats):
+            for i, (m, x) in enumerate(moved):
+                times[i].extend(_time_runs(functools.partial(m, x), 1, 0, sync, before))
+    return times
+
+
+_FLUSH_BYTES = 64 * 2**20  # twice the 32 MiB L3 of the EPYC this was tuned on
+
+
+def _cache_flusher(device: str) -> Callable[[], object] | None:
+    """An untimed pass over a buffer larger than the last-level cache (CPU only)."""
+    if device != "cpu":
+        return None
+    buf = torch.empty(_FLUSH_BYTES // 4)
+    return lambda: buf.add_(1.0)
+
+
+def _specs_of(space_or_specs: Any, samples: int, seed: int) -> list[ArchSpec]:
+    """Specs from a SearchSpace, a path to its YAML, a single spec or a sequence of specs."""
+    if isinstance(space_or_specs, ArchSpec):
+        return [space_or_specs]
+    if isinstance(space_or_specs, str | os.PathLike):
+        from aanas.space import SearchSpace
+
+        space_or_specs = SearchSpace.from_yaml(space_or_specs)
+    if hasattr(space_or_specs, "sample"):
+        rng = np.random.default_rng(seed)
+        return [space_or_specs.sample(rng) for _ in range(samples)]
+    specs = list(space_or_specs)
+    for s in specs:
+        if not isinstance(s, ArchSpec):
+            raise TypeError(f"expected ArchSpec items, got {type(s).__name__}")
+    return specs
+
+
+def _part_module(sig: Signature, spec: ArchSpec) -> nn.Module:
+    """The module of one LUT part of ``spec``, built with the models' own builder code.
+
+    Stem: ``build_stem``; block: the builder's one-block constructor; head: the whole model with
+    ``stem`` and ``blocks`` replaced by Identity, so it runs exactly what follows the blocks
+    (MnasNet head conv, WRN final BN-ReLU, pooling, dropout, classifier).
+    """
+    from aanas.models import _builder, create_model
+
+    r = resolve(spec)
+    if sig[0] == "stem":
+        return _builder.build_stem(r)
+    if sig[0] == "block":
+        for b in r.blocks:
+            if block_signature(b) == sig:
+                return _builder._build_block(b, nn.BatchNorm2d)
+        raise AssertionError(f"{sig} is not a block of {spec}")
+    model = create_model(spec)
+    model.stem = nn.Identity()
+    model.blocks = nn.Identity()
+    return model
