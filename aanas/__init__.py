@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from aanas.space import SearchSpace
 from aanas.spec import ArchSpec
 
 __version__ = "0.1.0"
 
-__all__ = ["ArchSpec", "__version__", "create_model", "list_models"]
+__all__ = ["ArchSpec", "SearchSpace", "__version__", "create_model", "list_models"]
 
 
 def __getattr__(name: str) -> Any:

@@ -27,11 +27,9 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from aanas._io import atomic_open
 from aanas.ops.elastic import (
     ChannelIndex,
     ElasticAttention,
@@ -391,21 +390,13 @@ class SuperNet(nn.Module):
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the supernet state (and its space's source) atomically: temp file + replace."""
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "version": self._version,
             "space": self.space.name,
             "state_dict": self.state_dict(),
         }
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_open(path, "wb") as fh:
+            torch.save(payload, fh)
 
     def load(self, path: str | os.PathLike[str]) -> None:
         """Load a state written by :meth:`save` (``weights_only=True``; the space must match).

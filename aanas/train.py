@@ -20,7 +20,6 @@ a single process (each epoch's shuffling depends only on ``(seed, epoch)``).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import json
@@ -29,9 +28,8 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +43,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from aanas._io import atomic_open
 from aanas.config import TrainRecipe, recipe_to_dict
 from aanas.data import DataBundle
 
@@ -190,25 +189,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 # --- atomic file output -----------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _atomic_open(path: Path, mode: str = "wb") -> Iterator[Any]:
-    """Write to a temp file in ``path``'s folder, fsync, then ``os.replace`` onto ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; results should be readable like logs
-        with os.fdopen(fd, mode) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    with _atomic_open(path, "w") as fh:
+    with atomic_open(path, "w", encoding="utf-8") as fh:
         json.dump(obj, fh, indent=2, sort_keys=True)
         fh.write("\n")
 
@@ -493,7 +475,7 @@ def _save_checkpoint(
         "rng": _rng_state(),
         **extra,
     }
-    with _atomic_open(path, "wb") as fh:
+    with atomic_open(path, "wb") as fh:
         torch.save(ckpt, fh)
 
 

@@ -44,6 +44,7 @@ import torch
 import yaml
 from torch import nn
 
+from aanas._io import atomic_open
 from aanas.spec import ArchSpec, ResolvedArch, ResolvedBlock, resolve
 
 __all__ = [
@@ -295,17 +296,9 @@ def _read_cache(path: Path, key: dict[str, Any]) -> LatencyResult | None:
 
 def _write_cache(path: Path, key: dict[str, Any], result: LatencyResult) -> None:
     """Write atomically: a tempfile in the same directory, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     record = {"key": key, "result": {**result.to_dict(), "cached": False}}
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1, sort_keys=True)
 
 
 # --- measure ------------------------------------------------------------------------------------
@@ -750,17 +743,8 @@ class LatencyTable:
             "scale": self.scale,
             "entries": [{**_sig_to_yaml(sig), "ms": float(ms)} for sig, ms in self.entries.items()],
         }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".yaml", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                yaml.safe_dump(data, f, sort_keys=False)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        with atomic_open(path, "w", encoding="utf-8") as f:
+            yaml.safe_dump(data, f, sort_keys=False)
 
     @classmethod
     def load(

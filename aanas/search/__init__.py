@@ -118,16 +118,12 @@ def _baselines(
     for i, name in enumerate(names, 1):
         spec = get_spec(name)  # ValueError for unknown names, before any work
         base = space.base
-        spec = dataclasses.replace(
-            spec, input_size=base.input_size, num_classes=base.num_classes
-        )
+        spec = dataclasses.replace(spec, input_size=base.input_size, num_classes=base.num_classes)
         if evaluator_name == "supernet":
             try:
                 space.encode_params(spec)
             except ValueError:
-                _LOG.warning(
-                    "baseline %s skipped: not a path of the %s supernet", name, space.name
-                )
+                _LOG.warning("baseline %s skipped: not a path of the %s supernet", name, space.name)
                 continue
         try:
             spec = spec.validate()

@@ -79,24 +79,34 @@ class SuperNetEvaluator:
 
     name = "supernet"
 
-    def __init__(self, supernet: Any, data: Any, *, recal_batches: int, device: str) -> None:
+    def __init__(
+        self, supernet: Any, data: Any, *, recal_batches: int, device: str, recal_seed: int = 0
+    ) -> None:
         if data.val is None:
             raise ValueError("the supernet evaluator needs a validation split (val_fraction > 0)")
         self.supernet = supernet
         self.data = data
         self.recal_batches = recal_batches
         self.device = device
+        self.recal_seed = recal_seed
 
     def model_for(self, spec: ArchSpec, *, seed: int) -> nn.Module:
-        """The subnet of ``spec`` with inherited weights and recalibrated BN statistics."""
+        """The subnet of ``spec`` with inherited weights and recalibrated BN statistics.
+
+        Recalibration uses one fixed seed (``recal_seed``), not the trial's: the batch order and
+        the augmentation of the recalibration batches then depend on nothing but the spec, so
+        the same spec scores the same in every trial, engine and resumed run.
+        """
         from aanas.supernet import recalibrate_bn
 
-        torch.manual_seed(seed)  # which training batches recalibrate BN
+        del seed  # deliberately unused, see above
         model = self.supernet.extract(spec).to(self.device)
         if self.recal_batches > 0:
-            recalibrate_bn(
-                model, self.data.train, batches=self.recal_batches, device=self.device
-            )
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.recal_seed)
+                recalibrate_bn(
+                    model, self.data.train, batches=self.recal_batches, device=self.device
+                )
         return model
 
     def evaluate(self, spec: ArchSpec, *, seed: int, report: Reporter | None) -> Evaluation:
@@ -163,7 +173,8 @@ class TrainEvaluator:
             torch.save({"spec": spec.encode(), "state_dict": _state_dict_cpu(model)}, buf)
             atomic_write_bytes(path, buf.getvalue())
         extras = {
-            k: float(out[k]) for k in ("val_loss", "train_loss", "train_top1", "best_val_top1")
+            k: float(out[k])
+            for k in ("val_loss", "train_loss", "train_top1", "best_val_top1")
             if isinstance(out.get(k), int | float)
         }
         extras["epochs"] = float(self.recipe.epochs)
@@ -188,9 +199,18 @@ def train_recipe_for(recipe: SearchRecipe, input_size: int) -> Any:
     """
     from aanas.config import TrainRecipe, load_recipe
 
-    base = load_recipe(recipe.train_recipe) if recipe.train_recipe else TrainRecipe(
-        optimizer="sgd", nesterov=True, lr=recipe.train_lr, weight_decay=5e-4, grad_clip=5.0,
-        wd_exclude_bn_bias=True, warmup_epochs=0.0,
+    base = (
+        load_recipe(recipe.train_recipe)
+        if recipe.train_recipe
+        else TrainRecipe(
+            optimizer="sgd",
+            nesterov=True,
+            lr=recipe.train_lr,
+            weight_decay=5e-4,
+            grad_clip=5.0,
+            wd_exclude_bn_bias=True,
+            warmup_epochs=0.0,
+        )
     )
     return dataclasses.replace(
         base,
@@ -260,7 +280,11 @@ def build_evaluator(
                 raise ValueError("the supernet evaluator needs a supernet or its checkpoint path")
             supernet = load_supernet(space, supernet_path, device)
         return SuperNetEvaluator(
-            supernet, data, recal_batches=recipe.recal_batches, device=device
+            supernet,
+            data,
+            recal_batches=recipe.recal_batches,
+            device=device,
+            recal_seed=recipe.seed,
         )
     return TrainEvaluator(
         data,

@@ -419,8 +419,10 @@ class Objective:
 
         A REJECTED candidate scores accuracy 0 (reward 0), so samplers learn to avoid it.
         """
-        cost = result.cost(self.scorer.metric) if self.scorer.metric == "macs" else (
-            result.latency_ms if result.latency_ms is not None else result.latency_pred_ms
+        cost = (
+            result.cost(self.scorer.metric)
+            if self.scorer.metric == "macs"
+            else (result.latency_ms if result.latency_ms is not None else result.latency_pred_ms)
         )
         return self.scorer.values(result.accuracy or 0.0, cost)
 

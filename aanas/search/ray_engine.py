@@ -121,8 +121,10 @@ def _metrics(objective: Objective, result: TrialResult) -> dict[str, Any]:
         values = objective.values(result)
     else:
         acc = result.accuracy or 0.0
-        cost = result.cost(objective.scorer.metric) if objective.scorer.metric == "macs" else (
-            result.latency_ms
+        cost = (
+            result.cost(objective.scorer.metric)
+            if objective.scorer.metric == "macs"
+            else (result.latency_ms)
         )
         try:
             values = objective.scorer.values(acc, cost)
@@ -363,7 +365,8 @@ class RayEngine:
             error = f"{type(res.error).__name__}: {res.error}" if res.error else ""
             record = _record(trial_id, res.metrics, error, dirname)
             if record.state == "FAIL" and res.metrics and res.metrics.get(_KEY):
-                record = record.replace(error=TrialResult.from_dict(
-                    json.loads(res.metrics[_KEY])).error or record.error)
+                record = record.replace(
+                    error=TrialResult.from_dict(json.loads(res.metrics[_KEY])).error or record.error
+                )
             out.append(record)
         return sorted(out, key=lambda r: r.number)

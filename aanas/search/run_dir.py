@@ -65,9 +65,7 @@ def rank(results: Sequence[TrialResult], *, multi_objective: bool) -> list[Trial
     return sorted(done, key=lambda r: (-(r.reward or 0.0), r.number))
 
 
-def best_result(
-    results: Sequence[TrialResult], *, multi_objective: bool
-) -> TrialResult | None:
+def best_result(results: Sequence[TrialResult], *, multi_objective: bool) -> TrialResult | None:
     """The best COMPLETE record (:func:`rank`), or None when nothing completed.
 
     In Pareto mode "best" is the most accurate point of the front (ties: fewer MACs).
@@ -82,9 +80,7 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 3) -> str:
     return f"{value / scale:.{digits}f}"
 
 
-def format_table(
-    results: Sequence[TrialResult], *, title: str = "", spec_width: int = 0
-) -> str:
+def format_table(results: Sequence[TrialResult], *, title: str = "", spec_width: int = 0) -> str:
     """Markdown table of ``results`` in the given order (``spec_width`` > 0 truncates specs)."""
     lines = []
     if title:

@@ -77,9 +77,7 @@ class Scorer:
             raise ValueError(f"score must be one of {SCORES}, got {self.mode!r}")
         if self.metric not in COST_METRICS:
             raise ValueError(f"cost metric must be one of {COST_METRICS}, got {self.metric!r}")
-        if self.mode in ("soft", "hard") and not (
-            math.isfinite(self.target) and self.target > 0
-        ):
+        if self.mode in ("soft", "hard") and not (math.isfinite(self.target) and self.target > 0):
             raise ValueError(
                 f"score {self.mode!r} needs a target > 0 ({self.metric}), got {self.target!r}"
             )
