@@ -867,7 +867,7 @@ def _part_module(sig: Signature, spec: ArchSpec) -> nn.Module:
     if sig[0] == "block":
         for b in r.blocks:
             if block_signature(b) == sig:
-                return _builder._build_block(b, nn.BatchNorm2d)
+                return _builder.build_block(b, nn.BatchNorm2d)
         raise AssertionError(f"{sig} is not a block of {spec}")
     model = create_model(spec)
     model.stem = nn.Identity()

@@ -24,7 +24,14 @@ from aanas.ops.blocks import (
 )
 from aanas.spec import ACTIVATIONS, ArchSpec, ResolvedArch, ResolvedBlock
 
-__all__ = ["ClassifierModel", "act_layer", "build_blocks", "build_stem", "init_weights"]
+__all__ = [
+    "ClassifierModel",
+    "act_layer",
+    "build_block",
+    "build_blocks",
+    "build_stem",
+    "init_weights",
+]
 
 NormFn = Callable[[int], nn.Module]
 
@@ -80,7 +87,7 @@ def _aa_max_size(rb: ResolvedBlock) -> tuple[int, int]:
     return (rb.in_size, rb.in_size)
 
 
-def _build_block(rb: ResolvedBlock, norm_layer: NormFn) -> nn.Module:
+def build_block(rb: ResolvedBlock, norm_layer: NormFn) -> nn.Module:
     """One ResolvedBlock -> its module (see ``aanas.ops.blocks``)."""
     act = act_layer(rb.act)
     aa = {
@@ -133,7 +140,7 @@ def build_blocks(resolved: ResolvedArch, *, norm_layer: NormFn = nn.BatchNorm2d)
     stages: list[list[nn.Module]] = [[] for _ in resolved.spec.stages]
     for rb in resolved.blocks:
         stage = int(rb.name.split(".", 1)[0].removeprefix("stage"))  # "stage2.block0.1" -> 2
-        stages[stage].append(_build_block(rb, norm_layer))
+        stages[stage].append(build_block(rb, norm_layer))
     return nn.Sequential(*(nn.Sequential(*blocks) for blocks in stages))
 
 

@@ -1,4 +1,4 @@
-"""Torch building blocks; they take plain ints, never a spec."""
+"""Torch building blocks; they take plain ints and layer types, never a spec."""
 
 from __future__ import annotations
 
@@ -10,17 +10,7 @@ from aanas.ops.attention import (
     rel_embedding_matrix,
     relative_attention,
 )
-
-__all__ = [
-    "AAConv2d",
-    "aa_channels",
-    "attention_input",
-    "central_rel_rows",
-    "rel_embedding_matrix",
-    "relative_attention",
-]
-
-from aanas.ops.blocks import (  # noqa: E402
+from aanas.ops.blocks import (
     BasicBlock,
     Bottleneck,
     ConvBnAct,
@@ -30,7 +20,8 @@ from aanas.ops.blocks import (  # noqa: E402
     SqueezeExcite,
 )
 
-__all__ += [
+__all__ = [
+    "AAConv2d",
     "BasicBlock",
     "Bottleneck",
     "ConvBnAct",
@@ -38,4 +29,9 @@ __all__ += [
     "InvertedResidual",
     "PreActBasicBlock",
     "SqueezeExcite",
+    "aa_channels",
+    "attention_input",
+    "central_rel_rows",
+    "rel_embedding_matrix",
+    "relative_attention",
 ]
