@@ -224,12 +224,7 @@ def run_search(
     supernet = None
     data = None
     if evaluator is None:
-        from aanas.search.evaluators import (
-            build_data_for,
-            build_evaluator,
-            prepare_supernet,
-            resolve_device,
-        )
+        from aanas.search.evaluators import build_data_for, prepare_supernet, resolve_device
 
         device = resolve_device(recipe.device)
         data = build_data_for(recipe, space.base.input_size)
@@ -242,8 +237,14 @@ def run_search(
             supernet = prepare_supernet(
                 recipe, space, data, path=run_dir.supernet_pt, device=device
             )
-        if recipe.engine == "optuna":
-            evaluator = build_evaluator(
+
+    def in_process_objective(given: Evaluator | None) -> Objective:
+        """The objective over ``given``, or over the evaluator the recipe names, built here."""
+        if given is None:
+            from aanas.search.evaluators import build_evaluator
+
+            assert data is not None
+            given = build_evaluator(
                 recipe,
                 space,
                 data,
@@ -251,17 +252,20 @@ def run_search(
                 supernet=supernet,
                 checkpoint_dir=run_dir.models_dir,
             )
-    objective: Objective | None = None
-    if evaluator is not None:
-        objective = Objective(
+        return Objective(
             space,
-            evaluator,
+            given,
             scorer=scorer,
             budget=recipe.budget,
             seed=recipe.seed,
             measure_latency=measure_fn,
             predict_latency=predict_fn,
         )
+
+    # Ray builds its evaluators in the workers; in-process engines need one now.
+    objective: Objective | None = None
+    if evaluator is not None or recipe.engine == "optuna":
+        objective = in_process_objective(evaluator)
 
     bar = _Progress(recipe.trials, enabled=progress, multi=multi)
 
@@ -303,26 +307,7 @@ def run_search(
 
     # Baselines and best weights need an in-process evaluator (Ray: rebuilt here once).
     if objective is None:
-        from aanas.search.evaluators import build_evaluator
-
-        assert data is not None
-        evaluator = build_evaluator(
-            recipe,
-            space,
-            data,
-            device=device,
-            supernet=supernet,
-            checkpoint_dir=run_dir.models_dir,
-        )
-        objective = Objective(
-            space,
-            evaluator,
-            scorer=scorer,
-            budget=recipe.budget,
-            seed=recipe.seed,
-            measure_latency=measure_fn,
-            predict_latency=predict_fn,
-        )
+        objective = in_process_objective(None)
     baselines = run_dir.read_baselines()
     done = {b.name for b in baselines}
     todo = [n for n in recipe.baselines if n not in done]
