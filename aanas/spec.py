@@ -47,15 +47,19 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sized
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
+
+from aanas.errors import SpecError
 
 __all__ = [
     "ACTIVATIONS",
     "BLOCK_TYPES",
     "FAMILIES",
     "MAX_AA_RESOLUTION",
+    "SPEC_LIMITS",
     "STEM_TYPES",
     "AASpec",
     "ArchSpec",
@@ -85,6 +89,43 @@ _FAMILY_BLOCKS: dict[str, tuple[str, ...]] = {
 # Attention over an (H*W) x (H*W) logit matrix grows as (HW)^2: at 64x64 one head of one image
 # already holds 16.8M logits. The paper augments maps of 32x32 (CIFAR) down to 7x7 (ImageNet).
 MAX_AA_RESOLUTION = 64
+
+# Upper bounds on every numeric spec field, in ONE table: (limit, why). They sit far above any
+# published network, so no real user meets them, and low enough that decoding, resolving, costing
+# and building a spec stay bounded in time and memory: an unbounded repeat count once made
+# ``decode`` expand 10^9 blocks (2.5 GB in 30 s) and a c999999999 block reached the allocator.
+# ``_check_limits`` enforces them before repeats are expanded or any channel count is derived.
+# Lower bounds (>= 1, odd kernels) are validity rules checked with the fields themselves; so are
+# the closed ranges of strides, dropout and ratios (_RANGE_FIELDS), listed here for completeness
+# and enforced by those checks, whose messages name the exact allowed set.
+SPEC_LIMITS: Mapping[str, tuple[float, str]] = MappingProxyType(
+    {
+        "input_size": (4096, "4K-pixel square inputs; ImageNet models use 224-600"),
+        "num_classes": (100_000, "ImageNet-21k has 21,841 classes"),
+        "width": (8.0, "width multiplier; EfficientNet-B7 uses 2.0"),
+        "dropout": (1.0, "a probability"),
+        "head_channels": (16384, "MnasNet's head has 1280"),
+        "stem.channels": (16384, "ResNet's stem has 64"),
+        "stem.kernel": (31, "RepLKNet's 31x31 is the largest published kernel"),
+        "stem.stride": (2, "downsampling by 2"),
+        "stages": (16, "number of stages; MnasNet has 7, ResNet 4"),
+        "blocks": (64, "block entries per stage (runs of repeats)"),
+        "repeats": (64, "ResNet-152's longest run is 36 blocks"),
+        "total_blocks": (1024, "blocks after expanding repeats; ResNet-1001 has 333"),
+        "out_channels": (16384, "ResNet-50's widest block has 2048"),
+        "kernel": (31, "RepLKNet's 31x31 is the largest published kernel"),
+        "stride": (2, "downsampling by 2"),
+        "expansion": (32.0, "MnasNet expands by at most 6, ResNet bottlenecks by 0.25"),
+        "se": (1.0, "a fraction of the block's input channels"),
+        "aa.kappa": (1.0, "dk / Fout, a fraction (Bello et al. Sec. 3)"),
+        "aa.upsilon": (1.0, "dv / Fout, a fraction (Bello et al. Sec. 3)"),
+        "aa.heads": (128, "the AA paper uses 8 heads"),
+        "aa.min_key_depth": (1024, "key depth per head; the AA paper's CIFAR WRN uses 20"),
+        # every channel count after width scaling and expansion (stem, in, mid, out, head)
+        "resolved_channels": (16384, "a 16384x16384 1x1 conv alone holds 268M weights"),
+    }
+)
+_RANGE_FIELDS = frozenset({"dropout", "stem.stride", "stride", "se", "aa.kappa", "aa.upsilon"})
 
 
 # --- value objects --------------------------------------------------------------------------
@@ -156,7 +197,7 @@ class ArchSpec:
         return hashlib.sha256(encode(self).encode()).hexdigest()[:16]
 
     def validate(self) -> ArchSpec:
-        """Raise ``ValueError`` naming the block and field of the first invalid value."""
+        """Raise ``SpecError`` naming the block and field of the first invalid value."""
         resolve(self)
         return self
 
@@ -175,8 +216,10 @@ class ArchSpec:
         if width is not None:
             spec = dataclasses.replace(spec, width=float(width))
         if depth is not None:
-            if depth <= 0:
-                raise ValueError(f"depth multiplier must be > 0, got {depth}")
+            if not (_is_number(depth) and 0 < depth <= SPEC_LIMITS["repeats"][0]):
+                raise SpecError(
+                    f"depth multiplier must be in (0, {SPEC_LIMITS['repeats'][0]}], got {depth!r}"
+                )
             stages = tuple(
                 tuple(dataclasses.replace(b, repeats=math.ceil(b.repeats * depth)) for b in st)
                 for st in spec.stages
@@ -239,22 +282,22 @@ def aa_channels(
         ``(dk, dv)``.
 
     Raises:
-        ValueError: if a ratio is outside (0, 1] or a count is not positive, or
+        SpecError: if a ratio is outside (0, 1] or a count is not positive, or
             ``out_channels < num_heads`` (no multiple of ``Nh`` fits).
     """
     if out_channels < 1:
-        raise ValueError(f"out_channels must be >= 1, got {out_channels}")
+        raise SpecError(f"out_channels must be >= 1, got {out_channels}")
     if num_heads < 1:
-        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+        raise SpecError(f"num_heads must be >= 1, got {num_heads}")
     if out_channels < num_heads:
-        raise ValueError(
+        raise SpecError(
             f"out_channels={out_channels} must be >= num_heads={num_heads} so that dv fits"
         )
     if min_key_depth_per_head < 0:
-        raise ValueError(f"min_key_depth_per_head must be >= 0, got {min_key_depth_per_head}")
+        raise SpecError(f"min_key_depth_per_head must be >= 0, got {min_key_depth_per_head}")
     for name, ratio in (("kappa", kappa), ("upsilon", upsilon)):
         if not 0.0 < ratio <= 1.0:
-            raise ValueError(f"{name} must be in (0, 1], got {ratio}")
+            raise SpecError(f"{name} must be in (0, 1], got {ratio}")
 
     def round_heads(ratio: float) -> int:
         # Half up, with a small epsilon so that 0.3 * 10 / 2 = 1.4999999999999998 rounds to 2.
@@ -316,8 +359,9 @@ def resolve(spec: ArchSpec) -> ResolvedArch:
     """Validate ``spec`` and expand it into concrete per-block channels and sizes.
 
     Raises:
-        ValueError: naming the block (``stage2.block0``) and field of the first invalid value.
+        SpecError: naming the block (``stage2.block0``) and field of the first invalid value.
     """
+    _check_limits(spec)
     _check_globals(spec)
     width = spec.width
     stem_c = round_channels(spec.stem.channels * width) if width != 1.0 else spec.stem.channels
@@ -327,6 +371,7 @@ def resolve(spec: ArchSpec) -> ResolvedArch:
     stem_size = size
     in_c = stem_c
     out: list[ResolvedBlock] = []
+    _check_resolved_channels("stem.channels", stem_c)
     for name, block in spec.blocks():
         _check_block(spec, name, block)
         out_c = round_channels(block.out_channels * width) if width != 1.0 else block.out_channels
@@ -334,6 +379,8 @@ def resolve(spec: ArchSpec) -> ResolvedArch:
             stride = block.stride if k == 0 else 1
             out_size = _conv_out(size, stride)
             resolved = _resolve_one(f"{name}.{k}", block, in_c, out_c, stride, size, out_size)
+            for key in ("mid_channels", "out_channels"):
+                _check_resolved_channels(f"{name}.{key}", getattr(resolved, key))
             out.append(resolved)
             in_c, size = out_c, out_size
     head_c = spec.head_channels
@@ -364,7 +411,7 @@ def _resolve_one(
         mid = out_c
         aug_c = out_c
     if mid < 1:
-        raise ValueError(f"{where}: expansion={b.expansion} gives {mid} channels")
+        raise SpecError(f"{where}: expansion={b.expansion} gives {mid} channels")
     # ResNet-style blocks add a projection shortcut when shapes change; MnasNet blocks only
     # add the identity, where shapes allow it.
     residual = b.skip and (
@@ -375,14 +422,14 @@ def _resolve_one(
     relative = False
     if b.aa is not None:
         if out_size > MAX_AA_RESOLUTION:
-            raise ValueError(
+            raise SpecError(
                 f"{where}.aa: attention on a {out_size}x{out_size} feature map exceeds the "
                 f"supported maximum {MAX_AA_RESOLUTION}x{MAX_AA_RESOLUTION}"
             )
         try:
             dk, dv = aa_channels(aug_c, b.aa.kappa, b.aa.upsilon, b.aa.heads, b.aa.min_key_depth)
         except ValueError as exc:
-            raise ValueError(f"{where}.aa: {exc}") from None
+            raise SpecError(f"{where}.aa: {exc}") from None
         heads, relative = b.aa.heads, b.aa.relative
     return ResolvedBlock(
         name=name,
@@ -404,33 +451,82 @@ def _resolve_one(
     )
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_limit(where: str, key: str, value: object) -> None:
+    """SpecError when a number exceeds ``SPEC_LIMITS[key]`` or is not finite.
+
+    Values of the wrong type pass here: the field checks name them with their expected type.
+    """
+    if not _is_number(value) or key in _RANGE_FIELDS:
+        return
+    limit, why = SPEC_LIMITS[key]
+    if not math.isfinite(value) or value > limit:  # type: ignore[arg-type]
+        raise SpecError(f"{where}: must be <= {_fmt(limit)} ({why}), got {value!r}")
+
+
+def _check_limits(spec: ArchSpec) -> None:
+    """Every field against SPEC_LIMITS, before any repeat is expanded or channel derived."""
+    for key in ("input_size", "num_classes", "width", "dropout", "head_channels"):
+        _check_limit(key, key, getattr(spec, key))
+    for key in ("channels", "kernel", "stride"):
+        _check_limit(f"stem.{key}", f"stem.{key}", getattr(spec.stem, key, None))
+    stages = spec.stages
+    if isinstance(stages, Sized):
+        _check_limit("stages", "stages", len(stages))
+    total = 0
+    for i, stage in enumerate(stages):
+        if isinstance(stage, Sized):
+            _check_limit(f"stage{i}", "blocks", len(stage))
+        for j, b in enumerate(stage):
+            where = f"stage{i}.block{j}"
+            for key in ("repeats", "out_channels", "kernel", "stride", "expansion", "se"):
+                _check_limit(f"{where}.{key}", key, getattr(b, key, None))
+            aa = getattr(b, "aa", None)
+            for key in ("kappa", "upsilon", "heads", "min_key_depth"):
+                _check_limit(f"{where}.aa.{key}", f"aa.{key}", getattr(aa, key, None))
+            repeats = getattr(b, "repeats", None)
+            total += repeats if isinstance(repeats, int) and repeats > 0 else 0
+    _check_limit("stages", "total_blocks", total)
+
+
+def _check_resolved_channels(where: str, channels: int) -> None:
+    limit, why = SPEC_LIMITS["resolved_channels"]
+    if channels > limit:
+        raise SpecError(
+            f"{where}: {channels} channels after width and expansion; must be <= {limit} ({why})"
+        )
+
+
 def _check_globals(spec: ArchSpec) -> None:
     if spec.family not in FAMILIES:
-        raise ValueError(f"family: unknown family {spec.family!r}; expected one of {FAMILIES}")
+        raise SpecError(f"family: unknown family {spec.family!r}; expected one of {FAMILIES}")
     _check_int("input_size", spec.input_size, 1)
     _check_int("num_classes", spec.num_classes, 1)
     _check_int("head_channels", spec.head_channels, 0)
     if not (isinstance(spec.width, float | int) and spec.width > 0):
-        raise ValueError(f"width: must be a number > 0, got {spec.width!r}")
+        raise SpecError(f"width: must be a number > 0, got {spec.width!r}")
     if not (isinstance(spec.dropout, float | int) and 0.0 <= spec.dropout < 1.0):
-        raise ValueError(f"dropout: must be in [0, 1), got {spec.dropout!r}")
+        raise SpecError(f"dropout: must be in [0, 1), got {spec.dropout!r}")
     stem = spec.stem
     if stem.type not in STEM_TYPES:
-        raise ValueError(f"stem.type: unknown stem {stem.type!r}; expected one of {STEM_TYPES}")
+        raise SpecError(f"stem.type: unknown stem {stem.type!r}; expected one of {STEM_TYPES}")
     _check_int("stem.channels", stem.channels, 1)
     _check_kernel("stem.kernel", stem.kernel)
     if stem.stride not in (1, 2):
-        raise ValueError(f"stem.stride: must be 1 or 2, got {stem.stride!r}")
+        raise SpecError(f"stem.stride: must be 1 or 2, got {stem.stride!r}")
     if stem.act not in ACTIVATIONS:
-        raise ValueError(f"stem.act: unknown activation {stem.act!r}; expected {ACTIVATIONS}")
+        raise SpecError(f"stem.act: unknown activation {stem.act!r}; expected {ACTIVATIONS}")
     if not spec.stages or not all(spec.stages):
-        raise ValueError("stages: need at least one stage, each with at least one block")
+        raise SpecError("stages: need at least one stage, each with at least one block")
 
 
 def _check_block(spec: ArchSpec, name: str, b: BlockSpec) -> None:
     allowed = _FAMILY_BLOCKS[spec.family]
     if b.type not in allowed:
-        raise ValueError(
+        raise SpecError(
             f"{name}.type: block {b.type!r} is not allowed in family {spec.family!r}; "
             f"expected one of {allowed}"
         )
@@ -438,35 +534,35 @@ def _check_block(spec: ArchSpec, name: str, b: BlockSpec) -> None:
     _check_int(f"{name}.repeats", b.repeats, 1)
     _check_kernel(f"{name}.kernel", b.kernel)
     if b.stride not in (1, 2):
-        raise ValueError(f"{name}.stride: must be 1 or 2, got {b.stride!r}")
+        raise SpecError(f"{name}.stride: must be 1 or 2, got {b.stride!r}")
     if not (isinstance(b.expansion, float | int) and b.expansion > 0):
-        raise ValueError(f"{name}.expansion: must be > 0, got {b.expansion!r}")
+        raise SpecError(f"{name}.expansion: must be > 0, got {b.expansion!r}")
     if b.type in ("ds", "basic", "preact") and b.expansion != 1:
-        raise ValueError(f"{name}.expansion: {b.type!r} blocks take e1, got {b.expansion!r}")
+        raise SpecError(f"{name}.expansion: {b.type!r} blocks take e1, got {b.expansion!r}")
     if not (isinstance(b.se, float | int) and 0.0 <= b.se < 1.0):
-        raise ValueError(f"{name}.se: ratio must be in [0, 1), got {b.se!r}")
+        raise SpecError(f"{name}.se: ratio must be in [0, 1), got {b.se!r}")
     if b.se > 0 and b.type not in ("ir", "ds"):
-        raise ValueError(f"{name}.se: squeeze-excitation is supported in ir/ds blocks only")
+        raise SpecError(f"{name}.se: squeeze-excitation is supported in ir/ds blocks only")
     if b.act not in ACTIVATIONS:
-        raise ValueError(f"{name}.act: unknown activation {b.act!r}; expected {ACTIVATIONS}")
+        raise SpecError(f"{name}.act: unknown activation {b.act!r}; expected {ACTIVATIONS}")
     if b.aa is not None:
         aa = b.aa
         if not (isinstance(aa.kappa, float | int) and 0.0 < aa.kappa <= 1.0):
-            raise ValueError(f"{name}.aa.kappa: must be in (0, 1], got {aa.kappa!r}")
+            raise SpecError(f"{name}.aa.kappa: must be in (0, 1], got {aa.kappa!r}")
         if not (isinstance(aa.upsilon, float | int) and 0.0 < aa.upsilon <= 1.0):
-            raise ValueError(f"{name}.aa.upsilon: must be in (0, 1], got {aa.upsilon!r}")
+            raise SpecError(f"{name}.aa.upsilon: must be in (0, 1], got {aa.upsilon!r}")
         _check_int(f"{name}.aa.heads", aa.heads, 1)
         _check_int(f"{name}.aa.min_key_depth", aa.min_key_depth, 0)
 
 
 def _check_int(field_name: str, value: object, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{field_name}: must be an integer >= {low}, got {value!r}")
+        raise SpecError(f"{field_name}: must be an integer >= {low}, got {value!r}")
 
 
 def _check_kernel(field_name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
-        raise ValueError(f"{field_name}: must be an odd integer >= 1, got {value!r}")
+        raise SpecError(f"{field_name}: must be an odd integer >= 1, got {value!r}")
 
 
 # --- string codec ---------------------------------------------------------------------------
@@ -523,16 +619,16 @@ def _parse_number(field_name: str, text: str, kind: type) -> Any:
     try:
         value = kind(text)
     except ValueError:
-        raise ValueError(f"{field_name}: cannot parse {text!r} as {kind.__name__}") from None
+        raise SpecError(f"{field_name}: cannot parse {text!r} as {kind.__name__}") from None
     if kind is float and not math.isfinite(value):
-        raise ValueError(f"{field_name}: must be finite, got {text!r}")
+        raise SpecError(f"{field_name}: must be finite, got {text!r}")
     return value
 
 
 def _split_tokens(where: str, text: str) -> list[str]:
     tokens = text.split("_")
     if any(not t for t in tokens):
-        raise ValueError(f"{where}: empty token in {text!r}")
+        raise SpecError(f"{where}: empty token in {text!r}")
     return tokens
 
 
@@ -550,7 +646,7 @@ _BLOCK_KEYS: dict[str, tuple[str, type]] = {
 def _decode_aa(where: str, token: str) -> AASpec:
     parts = token[2:].split("-")
     if len(parts) < 3:
-        raise ValueError(f"{where}: AA token {token!r} must be aa<kappa>-<upsilon>-<heads>")
+        raise SpecError(f"{where}: AA token {token!r} must be aa<kappa>-<upsilon>-<heads>")
     kappa = _parse_number(f"{where}.aa.kappa", parts[0], float)
     upsilon = _parse_number(f"{where}.aa.upsilon", parts[1], float)
     heads = _parse_number(f"{where}.aa.heads", parts[2], int)
@@ -559,14 +655,14 @@ def _decode_aa(where: str, token: str) -> AASpec:
     for opt in parts[3:]:
         key = "abs" if opt == "abs" else opt[:1]
         if key in seen:
-            raise ValueError(f"{where}: duplicate AA option {opt!r} in {token!r}")
+            raise SpecError(f"{where}: duplicate AA option {opt!r} in {token!r}")
         seen.add(key)
         if opt == "abs":
             relative = False
         elif opt.startswith("d") and opt[1:].isdigit():
             min_key_depth = int(opt[1:])
         else:
-            raise ValueError(f"{where}: unknown AA option {opt!r} in {token!r}")
+            raise SpecError(f"{where}: unknown AA option {opt!r} in {token!r}")
     return AASpec(kappa, upsilon, heads, relative, min_key_depth)
 
 
@@ -574,7 +670,7 @@ def _decode_block(where: str, text: str) -> BlockSpec:
     tokens = _split_tokens(where, text)
     btype = tokens[0]
     if btype not in BLOCK_TYPES:
-        raise ValueError(f"{where}: unknown block type {btype!r}; expected one of {BLOCK_TYPES}")
+        raise SpecError(f"{where}: unknown block type {btype!r}; expected one of {BLOCK_TYPES}")
     values: dict[str, Any] = {"type": btype}
     for token in tokens[1:]:
         if token in ACTIVATIONS:
@@ -586,14 +682,14 @@ def _decode_block(where: str, text: str) -> BlockSpec:
         else:
             prefix = "se" if token.startswith("se") else token[:1]
             if prefix not in _BLOCK_KEYS:
-                raise ValueError(f"{where}: unknown token {token!r} in {text!r}")
+                raise SpecError(f"{where}: unknown token {token!r} in {text!r}")
             key, kind = _BLOCK_KEYS[prefix]
             value = _parse_number(f"{where}.{key}", token[len(prefix) :], kind)
         if key in values:
-            raise ValueError(f"{where}: duplicate {key} token {token!r} in {text!r}")
+            raise SpecError(f"{where}: duplicate {key} token {token!r} in {text!r}")
         values[key] = value
     if "out_channels" not in values:
-        raise ValueError(f"{where}: block {text!r} needs an output-channel token c<N>")
+        raise SpecError(f"{where}: block {text!r} needs an output-channel token c<N>")
     return BlockSpec(**values)
 
 
@@ -608,9 +704,9 @@ def _decode_stem(text: str) -> StemSpec:
             key, kind = keys[token[:1]]
             value = _parse_number(f"stem.{key}", token[1:], kind)
         else:
-            raise ValueError(f"stem: unknown token {token!r} in {text!r}")
+            raise SpecError(f"stem: unknown token {token!r} in {text!r}")
         if key in values:
-            raise ValueError(f"stem: duplicate {key} token {token!r}")
+            raise SpecError(f"stem: duplicate {key} token {token!r}")
         values[key] = value
     return StemSpec(**values)
 
@@ -625,10 +721,10 @@ def _decode_globals(text: str) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for token in _split_tokens("globals", text):
         if token[:1] not in keys:
-            raise ValueError(f"globals: unknown token {token!r} in {text!r}")
+            raise SpecError(f"globals: unknown token {token!r} in {text!r}")
         key, kind = keys[token[:1]]
         if key in values:
-            raise ValueError(f"globals: duplicate {key} token {token!r}")
+            raise SpecError(f"globals: duplicate {key} token {token!r}")
         values[key] = _parse_number(key, token[1:], kind)
     return values
 
@@ -637,11 +733,11 @@ def decode(text: str) -> ArchSpec:
     """Parse and validate a spec string (see module docstring).
 
     Raises:
-        ValueError: naming the part, block and token that is wrong.
+        SpecError: naming the part, block and token that is wrong.
     """
     parts = text.strip().split(":")
     if len(parts) != 5:
-        raise ValueError(
+        raise SpecError(
             f"spec string must have 5 ':'-separated parts "
             f"(family:globals:stem:stages:head), got {len(parts)} in {text!r}"
         )
@@ -654,7 +750,7 @@ def decode(text: str) -> ArchSpec:
         )
         stages.append(blocks)
     if not head.startswith("c"):
-        raise ValueError(f"head: expected c<channels>, got {head!r}")
+        raise SpecError(f"head: expected c<channels>, got {head!r}")
     spec = ArchSpec(
         family=family,
         stem=_decode_stem(stem),
@@ -677,22 +773,22 @@ def to_dict(spec: ArchSpec) -> dict[str, Any]:
 
 def _build(cls: type, where: str, data: Any) -> Any:
     if not isinstance(data, Mapping):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+        raise SpecError(f"{where}: expected a mapping, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"{where}: unknown key {unknown[0]!r}; expected keys {sorted(names)}")
+        raise SpecError(f"{where}: unknown key {unknown[0]!r}; expected keys {sorted(names)}")
     return cls(**data)
 
 
 def from_dict(data: Mapping[str, Any]) -> ArchSpec:
     """Build and validate an ArchSpec from :func:`to_dict` output (unknown keys are errors)."""
     if not isinstance(data, Mapping):
-        raise ValueError(f"spec: expected a mapping, got {type(data).__name__}")
+        raise SpecError(f"spec: expected a mapping, got {type(data).__name__}")
     fields: dict[str, Any] = dict(data)
     for required in ("family", "stem", "stages"):
         if required not in fields:
-            raise ValueError(f"spec: missing key {required!r}")
+            raise SpecError(f"spec: missing key {required!r}")
     fields["stem"] = _build(StemSpec, "stem", fields["stem"])
     stages = []
     for i, stage in enumerate(fields["stages"]):
@@ -715,7 +811,7 @@ def from_dict(data: Mapping[str, Any]) -> ArchSpec:
 
 def _as_mapping(where: str, data: Any) -> Mapping[str, Any]:
     if not isinstance(data, Mapping):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+        raise SpecError(f"{where}: expected a mapping, got {type(data).__name__}")
     return data
 
 

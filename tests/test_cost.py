@@ -277,7 +277,24 @@ def test_measure_positive_and_cached(tmp_path: Path, timing_calls: list[int]) ->
     measure("test_aa_mnasnet", threads=2, **kw)  # other settings: another key
     assert len(timing_calls) == 2
     assert len(list(tmp_path.glob("*.json"))) == 2
-    assert not list(tmp_path.glob(".tmp-*"))  # atomic writes leave no temp files
+    assert not _temp_leftovers(tmp_path)  # atomic writes leave no temp files
+    assert all(p.suffix == ".json" for p in tmp_path.iterdir())  # nor anything else
+
+
+def _temp_leftovers(folder: Path) -> list[Path]:
+    """Temp files ``aanas._io.atomic_open`` would leave behind: ``.<name>.<random>.tmp``."""
+    return sorted(folder.glob(".*.tmp"))
+
+
+def test_leftover_check_sees_real_temp_files(tmp_path: Path) -> None:
+    # The check above must be able to fail: while a write is in flight, its temp file is there.
+    from aanas._io import atomic_open
+
+    with atomic_open(tmp_path / "entry.json", "w", encoding="utf-8") as fh:
+        fh.write("{}")
+        assert [p.name.startswith(".entry.json.") for p in _temp_leftovers(tmp_path)] == [True]
+    assert not _temp_leftovers(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["entry.json"]
 
 
 def test_cache_dir_from_env(
