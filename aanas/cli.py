@@ -8,9 +8,12 @@ are printed as one line, ``aanas: error: ...``, with exit code 2, never as a tra
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+import typing
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from aanas import __version__
 
@@ -19,12 +22,84 @@ __all__ = ["main", "build_parser"]
 _AddParser = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
 
+# --- help that tells the truth -----------------------------------------------------------------
+
+_TYPE_METAVARS: dict[Any, str] = {int: "INT", float: "FLOAT", str: "STR", bool: "BOOL"}
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, plus every option's type as its metavar and its real default.
+
+    The default shown is the one argparse will use (``action.default``), so it cannot drift from
+    the code; options whose default lives in a recipe dataclass say so in their own help text.
+    """
+
+    def _get_default_metavar_for_optional(self, action: argparse.Action) -> str:
+        if action.type in _TYPE_METAVARS:
+            return _TYPE_METAVARS[action.type]
+        return action.dest.upper()
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        shown = not (
+            default is None or default is False or default is argparse.SUPPRESS or default == []
+        )
+        if shown and action.option_strings and "(default" not in text and action.nargs != 0:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _fmt_default(value: Any) -> str:
+    """How a dataclass default reads in ``--help``: None -> none, () -> none, 5e-4 -> 0.0005."""
+    if value is None or value == ():
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _field_metavar(annotation: Any) -> str:
+    """Metavar from a dataclass field's annotation: int -> INT, str | None -> STR, tuple -> A,B."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is tuple:
+        return f"{_TYPE_METAVARS.get(args[0], 'STR')},..."
+    if args and typing.get_origin(annotation) is not tuple:
+        annotation = args[0]
+    return _TYPE_METAVARS.get(annotation, "STR")
+
+
+def _recipe_fields(cls: type) -> dict[str, tuple[Any, Any]]:
+    """``name -> (annotation, default)`` of a recipe dataclass: the one source of defaults."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, tuple[Any, Any]] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
+        out[f.name] = (hints[f.name], default)
+    return out
+
+
 # --- subcommands (one section each; keep them thin) -------------------------------------------
 
 
 def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from aanas.config import TrainRecipe
+
+    fields = _recipe_fields(TrainRecipe)
+
+    def recipe_default(name: str) -> str:
+        return f"(default: the recipe's {name}; TrainRecipe's is {_fmt_default(fields[name][1])})"
+
     p = sub.add_parser(
         "train",
+        formatter_class=_HelpFormatter,
         help="train one model with a recipe",
         description="Train a model with a recipe (a YAML path or a shipped recipe name). "
         "Multi-GPU: torchrun --nproc_per_node N -m aanas train ...",
@@ -38,11 +113,19 @@ def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="KEY=VALUE",
         help="override a recipe field (type-checked), e.g. --set lr=0.05; repeatable",
     )
-    p.add_argument("--model", help="model name or spec string (same as --set model=...)")
-    p.add_argument("--data", help="digits | cifar10 | cifar100 | imagefolder:PATH")
-    p.add_argument("--epochs", type=int, help="same as --set epochs=N")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
-    p.add_argument("--out", help="output folder for checkpoints and metrics")
+    p.add_argument(
+        "--model",
+        help="model name or spec string (same as --set model=...) " + recipe_default("model"),
+    )
+    p.add_argument(
+        "--data",
+        help="digits | cifar10 | cifar100 | imagefolder:PATH " + recipe_default("data"),
+    )
+    p.add_argument("--epochs", type=int, help="same as --set epochs=N " + recipe_default("epochs"))
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--out", help="output folder for checkpoints and metrics (default: none, nothing saved)"
+    )
     p.add_argument("--resume", help="checkpoint (last.pt) to continue from")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_train)
@@ -102,6 +185,7 @@ def _run_train(args: argparse.Namespace) -> int:
 def _add_profile(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "profile",
+        formatter_class=_HelpFormatter,
         help="params, MACs, FLOPs and latency of a model; build latency tables",
         description="Print params, MACs, FLOPs (= 2 x MACs) and a per-block table of a model, "
         "its measured latency (median, IQR) and, with --lut, its predicted latency. "
@@ -109,12 +193,12 @@ def _add_profile(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     p.add_argument("model", nargs="?", help="registered model name or spec string")
     p.add_argument("--input-size", type=int, help="square input side (default: the spec's)")
-    p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"))
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads (default: 1)")
-    p.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
+    p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"), help="runtime")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads")
+    p.add_argument("--batch", type=int, default=1, help="batch size")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (torch backend)")
-    p.add_argument("--repeats", type=int, default=50, help="timed runs (default: 50)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed runs first (default: 10)")
+    p.add_argument("--repeats", type=int, default=50, help="timed runs")
+    p.add_argument("--warmup", type=int, default=10, help="untimed runs first")
     p.add_argument("--lut", help="latency table YAML for a predicted latency")
     p.add_argument("--no-latency", action="store_true", help="counts only, measure nothing")
     p.add_argument("--no-cache", action="store_true", help="ignore the on-disk latency cache")
@@ -216,13 +300,14 @@ def _run_profile(args: argparse.Namespace) -> int:
 # --- search / show ----------------------------------------------------------------------------
 
 # flag -> SearchRecipe field, help. Values go through aanas.config.apply_overrides, so each is
-# type-checked against the field and a bad one is a one-line ValueError (exit 2).
+# type-checked against the field and a bad one is a one-line ValueError (exit 2). The help adds
+# each field's type and default, read from the dataclass (_recipe_fields), never copied here.
 _SEARCH_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--space", "space", "search space: shipped name (tiny, aa_mnasnet, ...) or YAML path"),
-    ("--data", "data", "digits (embedded, default) | cifar10 | cifar100 | imagefolder:PATH"),
-    ("--data-root", "data_root", "torchvision data folder (default ~/.cache/aanas/data)"),
-    ("--engine", "engine", "optuna (default) | ray"),
-    ("--evaluator", "evaluator", "supernet (weight sharing, default) | train (from scratch)"),
+    ("--data", "data", "digits (embedded) | cifar10 | cifar100 | imagefolder:PATH"),
+    ("--data-root", "data_root", "torchvision data folder; none: ~/.cache/aanas/data"),
+    ("--engine", "engine", "optuna | ray"),
+    ("--evaluator", "evaluator", "supernet (weight sharing) | train (from scratch)"),
     ("--sampler", "sampler", "auto | tpe | nsga2 | random (Ray: random = Ray's random search)"),
     ("--search-alg", "sampler", "alias of --sampler (Ray Tune wording)"),
     ("--pruner", "pruner", "median | hyperband | none (train evaluator; Ray uses ASHA)"),
@@ -230,10 +315,10 @@ _SEARCH_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--n-jobs", "n_jobs", "Optuna worker threads in this process"),
     ("--seed", "seed", "sampler seed (same seed, same suggested specs)"),
     ("--score", "score", "soft | hard (MnasNet reward) | pareto (NSGA-II) | accuracy"),
-    ("--target-macs", "target_macs", "reward target T in MACs, e.g. 5M (default: mid-space)"),
+    ("--target-macs", "target_macs", "reward target T in MACs, e.g. 5M; 0: mid-space"),
     ("--target-latency-ms", "target_latency_ms", "reward target T in ms (measures latency)"),
-    ("--max-macs", "max_macs", "hard budget: reject candidates above, untrained (e.g. 8M)"),
-    ("--max-latency-ms", "max_latency_ms", "hard latency budget in ms"),
+    ("--max-macs", "max_macs", "hard budget: reject candidates above, untrained (e.g. 8M); 0: off"),
+    ("--max-latency-ms", "max_latency_ms", "hard latency budget in ms; 0: off"),
     ("--latency", "latency", "auto | off | measure | predict"),
     ("--latency-table", "latency_table", "latency LUT YAML for --latency predict"),
     ("--supernet", "supernet", "load this trained supernet.pt instead of training one"),
@@ -244,11 +329,11 @@ _SEARCH_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--max-train-batches", "max_train_batches", "cap optimiser steps per epoch (0: all)"),
     ("--batch-size", "batch_size", "batch size of training and evaluation"),
     ("--device", "device", "auto | cpu | cuda[:i]"),
-    ("--storage", "storage", "Optuna RDB URL (default sqlite:///<out>/study.db)"),
-    ("--study-name", "study_name", "study name in the storage (default: run name)"),
+    ("--storage", "storage", "Optuna RDB URL; none: sqlite:///<out>/study.db"),
+    ("--study-name", "study_name", "study name in the storage; none: the run name"),
     ("--baselines", "baselines", "comma-separated registered models evaluated for reference"),
     ("--top-k", "top_k", "rows of the summary table"),
-    ("--address", "address", "Ray cluster address to join (default: start a local Ray)"),
+    ("--address", "address", "Ray cluster address to join; none: start a local Ray"),
     ("--cpus-per-trial", "cpus_per_trial", "Ray: CPUs per trial"),
     ("--gpus-per-trial", "gpus_per_trial", "Ray: GPUs per trial (fractions allowed)"),
     ("--max-concurrent", "max_concurrent", "Ray: concurrent trials (0: as resources allow)"),
@@ -268,17 +353,37 @@ def _count_text(text: str) -> str:
 
 
 def _add_search(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from aanas.search import SearchRecipe
+
+    fields = _recipe_fields(SearchRecipe)
+
+    def default(name: str) -> str:
+        return _fmt_default(fields[name][1])
+
     p = sub.add_parser(
         "search",
+        formatter_class=_HelpFormatter,
         help="architecture search (Optuna or Ray Tune)",
         description="Search a space of attention-augmented networks. With no arguments: the "
-        "tiny space on the embedded digits data, weight-sharing (supernet) evaluation, 20 TPE "
-        "trials, a few minutes on CPU. Rerunning the same command resumes the search.",
+        f"{default('space')} space on the {default('data')} data, {default('evaluator')} "
+        f"evaluation, {default('trials')} trials with the {default('engine')} engine (sampler "
+        f"{default('sampler')}: TPE for the {default('score')} score), a few minutes on CPU. "
+        "Rerunning the same command resumes the search.",
     )
     for flag, field, text in _SEARCH_FLAGS:
-        p.add_argument(flag, dest=f"search_{field}", default=None, metavar="V", help=text)
-    p.add_argument("--out", help="run directory (default runs/<space>-<engine>-<evaluator>)")
-    p.add_argument("--config", help="SearchRecipe YAML (keys = the long flag names with _)")
+        annotation, value = fields[field]
+        # argparse's default stays None, so that only flags given override --config's values.
+        p.add_argument(
+            flag,
+            dest=f"search_{field}",
+            default=None,
+            metavar=_field_metavar(annotation),
+            help=f"{text} (default: {_fmt_default(value)})",
+        )
+    p.add_argument("--out", help="run directory (default: runs/<space>-<engine>-<evaluator>)")
+    p.add_argument(
+        "--config", help="SearchRecipe YAML, keys = the long flag names with _ (default: none)"
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -340,11 +445,14 @@ def _run_search(args: argparse.Namespace) -> int:
 def _add_show(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "show",
+        formatter_class=_HelpFormatter,
         help="print a search's results again",
         description="Print the top-k table and Pareto front of a search run directory.",
     )
     p.add_argument("run_dir", help="run directory, e.g. runs/tiny-optuna-supernet")
-    p.add_argument("--top-k", type=int, default=None, help="rows of the top-k table")
+    p.add_argument(
+        "--top-k", type=int, default=None, help="rows of the top-k table (default: the run's)"
+    )
     p.set_defaults(run=_run_show)
 
 
@@ -363,6 +471,7 @@ def _run_show(args: argparse.Namespace) -> int:
 def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "export",
+        formatter_class=_HelpFormatter,
         help="export a model to ONNX and verify it against PyTorch",
         description="Export a search's best model (RUN_DIR with best/spec.txt and best/model.pt) "
         "or --model [--checkpoint] to ONNX (opset >= 17, dynamic batch, spec/input size/"
@@ -423,6 +532,7 @@ def _run_export(args: argparse.Namespace) -> int:
 def _add_reproduce(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "reproduce",
+        formatter_class=_HelpFormatter,
         help="reproduce a paper comparison (mobile: MnasNet-A1 vs AA-MnasNet-A1)",
         description="mobile: train mnasnet_a1_100 and aa_mnasnet_a1_100 (same width, recipe and "
         "seeds) and print params, MACs, latency and test top-1 (mean ± std over seeds) beside "
@@ -434,9 +544,13 @@ def _add_reproduce(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     )
     p.add_argument("experiment", choices=("mobile",), help="which comparison")
     p.add_argument("--recipe", default="reproduce_mobile_cpu", help="recipe YAML or shipped name")
-    p.add_argument("--data", help="digits | cifar10 | cifar100 | imagefolder:PATH")
-    p.add_argument("--epochs", type=int, help="replaces the recipe's epochs")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (default: 0)")
+    p.add_argument(
+        "--data", help="digits | cifar10 | cifar100 | imagefolder:PATH (default: the recipe's)"
+    )
+    p.add_argument(
+        "--epochs", type=int, help="replaces the recipe's epochs (default: the recipe's)"
+    )
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--width", type=float, default=1.0, help="channel multiplier of both models")
     p.add_argument("--device", default="cpu", help="training device (default: cpu)")
     p.add_argument("--out", default="runs/reproduce_mobile", help="output folder")
@@ -448,7 +562,12 @@ def _add_reproduce(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         metavar="KEY=VALUE",
         help="override a recipe field, e.g. --set max_train_batches=20; repeatable",
     )
-    p.add_argument("--latency-backend", default="onnxruntime", choices=("onnxruntime", "torch"))
+    p.add_argument(
+        "--latency-backend",
+        default="onnxruntime",
+        choices=("onnxruntime", "torch"),
+        help="runtime that times both models",
+    )
     p.add_argument("--keep-checkpoints", action="store_true", help="keep OUT/runs/*/seed*/*.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_reproduce)
@@ -495,6 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full ``aanas`` argument parser (also used by the docs and tests)."""
     parser = argparse.ArgumentParser(
         prog="aanas",
+        formatter_class=_HelpFormatter,
         description="Attention-augmented neural architecture search and mobile models "
         "(Bello et al., arXiv:1904.09925).",
     )
@@ -515,9 +635,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     run: Callable[[argparse.Namespace], int] | None = getattr(args, "run", None)
-    if run is None:
-        parser.print_help()
-        return 0
+    if run is None:  # bare `aanas`: a usage error, as argparse reports a missing argument
+        parser.print_help(sys.stderr)
+        print("aanas: error: a COMMAND is required", file=sys.stderr)
+        return 2
     try:
         return run(args)
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
