@@ -4,7 +4,7 @@ A recipe is a frozen dataclass whose fields each carry a typed default and a why
 (nanoGPT's configurator principle, without its ``exec``). Values come from, in order: the field
 defaults, a YAML file (``yaml.safe_load``, keys mirror the field names exactly) and ``--set
 key=value`` overrides from the command line. Every value is type-checked against the field's
-annotation; unknown keys and wrong types raise ``ValueError`` naming the file or flag, the field,
+annotation; unknown keys and wrong types raise ``RecipeError`` naming the file or flag, the field,
 the value and the expected type.
 
 The loader is generic over the dataclass type (:func:`load_dataclass`, :func:`apply_overrides`,
@@ -27,6 +27,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from aanas.errors import RecipeError
+from aanas.spec import SPEC_LIMITS
+
 __all__ = [
     "TrainRecipe",
     "load_recipe",
@@ -48,6 +51,13 @@ SCHEDULES = ("cosine", "step", "exponential", "constant")
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 _NONE = ("none", "null", "~", "")
+
+# Upper bounds a real run never reaches, so a typo (--set batch_size=1280000) fails at load time
+# with one line instead of in the allocator. Input sizes share the spec's bound.
+_MAX_INPUT_SIZE = int(SPEC_LIMITS["input_size"][0])
+_MAX_BATCH = 65_536  # the largest published ImageNet batches (LARS, Ying et al. 2018: 65536)
+_MAX_EPOCHS = 100_000  # ImageNet recipes use 90-600 epochs, CIFAR 200
+_MAX_WORKERS = 1024  # DataLoader processes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,9 +116,9 @@ class TrainRecipe:
     def __post_init__(self) -> None:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("schedule", self.schedule, SCHEDULES)
-        _check_range("input_size", self.input_size, low=1)
-        _check_range("epochs", self.epochs, low=1)
-        _check_range("batch_size", self.batch_size, low=1)
+        _check_range("input_size", self.input_size, low=1, high=_MAX_INPUT_SIZE)
+        _check_range("epochs", self.epochs, low=1, high=_MAX_EPOCHS)
+        _check_range("batch_size", self.batch_size, low=1, high=_MAX_BATCH)
         _check_range("lr", self.lr, low=0.0)
         _check_range("momentum", self.momentum, low=0.0, high=1.0)
         _check_range("rmsprop_alpha", self.rmsprop_alpha, low=0.0, high=1.0)
@@ -122,19 +132,20 @@ class TrainRecipe:
         _check_range("bn_momentum", self.bn_momentum, low=0.0, high=1.0)
         _check_range("ema_decay", self.ema_decay, low=0.0, high=1.0, high_open=True)
         _check_range("val_fraction", self.val_fraction, low=0.0, high=1.0, high_open=True)
-        _check_range("workers", self.workers, low=0)
+        _check_range("workers", self.workers, low=0, high=_MAX_WORKERS)
         _check_range("max_train_batches", self.max_train_batches, low=0)
         _check_range("bn_recalibrate_batches", self.bn_recalibrate_batches, low=0)
+        _check_range("decay_epochs", self.decay_epochs, low=0.0)  # also rejects nan/inf
         if self.decay_epochs <= 0:
-            raise ValueError(f"decay_epochs must be > 0, got {self.decay_epochs!r}")
+            raise RecipeError(f"decay_epochs must be > 0, got {self.decay_epochs!r}")
         if self.nesterov and self.optimizer != "sgd":
-            raise ValueError(f"nesterov=true needs optimizer 'sgd', got {self.optimizer!r}")
+            raise RecipeError(f"nesterov=true needs optimizer 'sgd', got {self.optimizer!r}")
         if self.nesterov and self.momentum == 0:
-            raise ValueError("nesterov=true needs momentum > 0 (torch.optim.SGD)")
+            raise RecipeError("nesterov=true needs momentum > 0 (torch.optim.SGD)")
         if list(self.milestones) != sorted(self.milestones):
-            raise ValueError(f"milestones must be increasing, got {list(self.milestones)!r}")
+            raise RecipeError(f"milestones must be increasing, got {list(self.milestones)!r}")
         if self.schedule == "step" and not self.milestones:
-            raise ValueError("schedule 'step' needs milestones, e.g. milestones: [30, 60, 90]")
+            raise RecipeError("schedule 'step' needs milestones, e.g. milestones: [30, 60, 90]")
 
 
 # --- validation helpers ---------------------------------------------------------------------
@@ -142,7 +153,7 @@ class TrainRecipe:
 
 def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+        raise RecipeError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
 def _check_range(
@@ -153,15 +164,15 @@ def _check_range(
     high: float | None = None,
     high_open: bool = False,
 ) -> None:
-    """Raise ``ValueError`` unless ``low <= value <= high`` (``< high`` when ``high_open``)."""
+    """Raise ``RecipeError`` unless ``low <= value <= high`` (``< high`` when ``high_open``)."""
     if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+        raise RecipeError(f"{name} must be finite, got {value!r}")
     bad = (low is not None and value < low) or (
         high is not None and (value >= high if high_open else value > high)
     )
     if bad:
         upper = "" if high is None else f" and {'<' if high_open else '<='} {high}"
-        raise ValueError(f"{name} must be >= {low}{upper}, got {value!r}")
+        raise RecipeError(f"{name} must be >= {low}{upper}, got {value!r}")
 
 
 # --- generic dataclass <-> dict / YAML ------------------------------------------------------
@@ -194,7 +205,7 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         raise TypeError(f"unsupported annotation for {name}: {tp}")  # internal: no such field
     if origin is tuple:
         if not isinstance(value, list | tuple):
-            raise ValueError(f"{name}: expected a list of {_type_name(args[0])}, got {value!r}")
+            raise RecipeError(f"{name}: expected a list of {_type_name(args[0])}, got {value!r}")
         return tuple(_coerce(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value))
     if tp is bool:
         if isinstance(value, bool):
@@ -215,11 +226,11 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             return value
     else:
         raise TypeError(f"unsupported annotation for {name}: {tp}")
-    raise ValueError(f"{name}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise RecipeError(f"{name}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
 def recipe_from_dict(cls: type[T], data: Mapping[str, Any], *, source: str = "<dict>") -> T:
-    """Build dataclass ``cls`` from a mapping; unknown keys or wrong types raise ``ValueError``.
+    """Build dataclass ``cls`` from a mapping; unknown keys or wrong types raise ``RecipeError``.
 
     Args:
         cls: a (frozen) dataclass type, e.g. :class:`TrainRecipe`.
@@ -227,11 +238,11 @@ def recipe_from_dict(cls: type[T], data: Mapping[str, Any], *, source: str = "<d
         source: where ``data`` came from, for error messages (file name).
     """
     if not isinstance(data, Mapping):
-        raise ValueError(f"{source}: expected a mapping of {cls.__name__} fields, got {data!r}")
+        raise RecipeError(f"{source}: expected a mapping of {cls.__name__} fields, got {data!r}")
     hints = _field_types(cls)
     unknown = [k for k in data if k not in hints]
     if unknown:
-        raise ValueError(
+        raise RecipeError(
             f"{source}: unknown key {unknown[0]!r} for {cls.__name__} (allowed: {', '.join(hints)})"
         )
     kwargs: dict[str, Any] = {}
@@ -239,11 +250,11 @@ def recipe_from_dict(cls: type[T], data: Mapping[str, Any], *, source: str = "<d
         try:
             kwargs[key] = _coerce(key, value, hints[key])
         except ValueError as exc:
-            raise ValueError(f"{source}: {exc}") from None
+            raise RecipeError(f"{source}: {exc}") from None
     try:
         return cls(**kwargs)
-    except ValueError as exc:
-        raise ValueError(f"{source}: {exc}") from None
+    except ValueError as exc:  # __post_init__ checks of any recipe class
+        raise RecipeError(f"{source}: {' '.join(str(exc).split())}") from None
 
 
 def recipe_to_dict(recipe: Any) -> dict[str, Any]:
@@ -270,8 +281,10 @@ def load_dataclass(
     with path.open(encoding="utf-8") as fh:
         try:
             data = yaml.safe_load(fh)
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
+        # PyYAML raises ValueError for impossible timestamps (2020-13-45) and RecursionError
+        # for very deep nesting; a file that is not UTF-8 gives UnicodeDecodeError (a ValueError).
+        except (yaml.YAMLError, ValueError, RecursionError) as exc:
+            raise RecipeError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
     obj = recipe_from_dict(cls, {} if data is None else data, source=str(path))
     return apply_overrides(obj, overrides, section=section)
 
@@ -314,7 +327,7 @@ def _parse_scalar(name: str, raw: str, tp: Any) -> Any:
         return raw
     else:
         raise TypeError(f"unsupported annotation for {name}: {tp}")
-    raise ValueError(f"override {name}={raw!r}: expected {_type_name(tp)}")
+    raise RecipeError(f"override {name}={raw!r}: expected {_type_name(tp)}")
 
 
 def _parse_override(name: str, raw: str, tp: Any) -> Any:
@@ -342,7 +355,7 @@ def _parse_override(name: str, raw: str, tp: Any) -> Any:
 def apply_overrides(recipe: T, overrides: Sequence[str], *, section: str | None = None) -> T:
     """Return a copy of ``recipe`` with ``key=value`` (or ``section.key=value``) applied.
 
-    Values are parsed against the field's annotation; a bad value raises ``ValueError``
+    Values are parsed against the field's annotation; a bad value raises ``RecipeError``
     naming the field, the value and the expected type.
     """
     cls = type(recipe)
@@ -353,18 +366,21 @@ def apply_overrides(recipe: T, overrides: Sequence[str], *, section: str | None 
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ValueError(f"override {item!r} must look like key=value")
+            raise RecipeError(f"override {item!r} must look like key=value")
         if key.startswith(section + "."):
             key = key[len(section) + 1 :]
         if key not in hints:
-            raise ValueError(
+            raise RecipeError(
                 f"override {item!r}: unknown key {key!r} for {cls.__name__} "
                 f"(allowed: {', '.join(hints)})"
             )
         changes[key] = _parse_override(key, raw, hints[key])
     if not changes:
         return recipe
-    return dataclasses.replace(recipe, **changes)  # type: ignore[type-var]
+    try:
+        return dataclasses.replace(recipe, **changes)  # type: ignore[type-var]
+    except ValueError as exc:  # __post_init__ checks of any recipe class, e.g. SearchRecipe's
+        raise RecipeError(" ".join(str(exc).split())) from None
 
 
 # --- shipped recipes ------------------------------------------------------------------------

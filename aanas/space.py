@@ -34,7 +34,8 @@ import numpy as np
 import yaml
 
 from aanas import spec as _spec
-from aanas.spec import AASpec, ArchSpec, BlockSpec
+from aanas.errors import SpaceError
+from aanas.spec import SPEC_LIMITS, AASpec, ArchSpec, BlockSpec
 
 __all__ = [
     "PLACEMENTS",
@@ -56,6 +57,15 @@ _TOP_KEYS = ("name", "description", "base", "input_size", "num_classes", "dropou
 _STAGE_KEYS = ("depth", "per_block", "kernel", "expansion", "se", "aa")
 _AA_KEYS = ("placement", "kappa", "upsilon", "heads", "relative", "min_key_depth")
 _BLOCK_KEYS = ("kernel", "expansion", "se")  # per-block when the stage says per_block: true
+
+# Bounds on what a space file may ask for, checked while loading, before anything is expanded:
+# the load-time check validates one probe spec per (width, stage, choice combination), so the
+# product of the choice lists, not just each list, must stay small. The shipped aa_mnasnet
+# space has 608 probes (a few per stage choice) and no list longer than 4.
+_MAX_CHOICES = 64  # entries of one choice list
+_MAX_PROBES = 10_000  # specs the load-time check validates (~1 ms each)
+# A stage's depth counts blocks after expanding repeats: bounded like a whole network's blocks.
+_MAX_DEPTH = int(SPEC_LIMITS["total_blocks"][0])
 
 
 # --- parameter value objects ------------------------------------------------------------------
@@ -193,16 +203,18 @@ class SearchSpace:
         """Load a space from a YAML file, or a shipped one by bare name (``"tiny"``).
 
         Raises:
-            ValueError: one line naming the file, the key path and the bad value: unknown
+            SpaceError: one line naming the file, the key path and the bad value: unknown
                 keys, empty choice lists, out-of-range values, an unknown base, or any
                 combination of choices that gives an invalid block (checked exhaustively).
         """
         file = _find_file(path)
         try:
-            data = yaml.safe_load(file.read_text())
-        except yaml.YAMLError as exc:
+            data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        # PyYAML raises ValueError for impossible timestamps (2020-13-45) and RecursionError
+        # for very deep nesting; UnicodeDecodeError is a ValueError too.
+        except (yaml.YAMLError, ValueError, RecursionError) as exc:
             detail = " ".join(str(exc).split())
-            raise ValueError(f"{file}: invalid YAML: {detail}") from None
+            raise SpaceError(f"{file}: invalid YAML: {detail}") from None
         return cls.from_dict(data, source=str(file))
 
     @classmethod
@@ -218,9 +230,9 @@ class SearchSpace:
         return self._params
 
     def parameter(self, name: str) -> Parameter:
-        """The parameter called ``name`` (ValueError naming the known ones if absent)."""
+        """The parameter called ``name`` (SpaceError if absent)."""
         if name not in self._by_name:
-            raise ValueError(f"{self.name}: unknown parameter {name!r}")
+            raise SpaceError(f"{self.name}: unknown parameter {name!r}")
         return self._by_name[name]
 
     @staticmethod
@@ -278,18 +290,18 @@ class SearchSpace:
         """Validate ``params`` strictly and return them with values normalized to the choices.
 
         Raises:
-            ValueError: naming unknown, missing, inactive-but-given or invalid parameters.
+            SpaceError: naming unknown, missing, inactive-but-given or invalid parameters.
         """
         unknown = sorted(set(params) - set(self._by_name))
         if unknown:
-            raise ValueError(f"{self.name}: unknown parameter(s) {unknown}")
+            raise SpaceError(f"{self.name}: unknown parameter(s) {unknown}")
         out: dict[str, Any] = {}
         missing: list[str] = []
         for p in self._params:
             active = self.is_active(p, out)
             if not active:
                 if p.name in params:
-                    raise ValueError(
+                    raise SpaceError(
                         f"{self.name}: parameter {p.name!r} is inactive here "
                         f"(needs {_describe(p.conditions)}) and must be absent"
                     )
@@ -299,13 +311,13 @@ class SearchSpace:
                 continue
             value = params[p.name]
             if not p.contains(value):
-                raise ValueError(
+                raise SpaceError(
                     f"{self.name}: parameter {p.name!r}: invalid value {value!r}; "
                     f"expected one of {list(p.choices)}"
                 )
             out[p.name] = next(c for c in p.choices if _same(c, value))
         if missing:
-            raise ValueError(f"{self.name}: missing parameter(s) {missing}")
+            raise SpaceError(f"{self.name}: missing parameter(s) {missing}")
         return out
 
     def decode(self, params: Mapping[str, Any]) -> ArchSpec:
@@ -326,13 +338,13 @@ class SearchSpace:
         the one listed first in the file is used.
 
         Raises:
-            ValueError: ``spec`` is not in this space.
+            SpaceError: ``spec`` is not in this space.
         """
         params: dict[str, Any] = {}
         if self._widths is not None and len(self._widths) > 1:
             params["width"] = float(spec.width)
         if len(spec.stages) != len(self.base.stages):
-            raise ValueError(f"{self.name}: spec has {len(spec.stages)} stages, not in space")
+            raise SpaceError(f"{self.name}: spec has {len(spec.stages)} stages, not in space")
         for st in self._stages:
             layers = _expand(spec.stages[st.index])
             params.update(_encode_stage(st, layers))
@@ -340,9 +352,9 @@ class SearchSpace:
         try:
             decoded = self.decode(params)
         except ValueError as exc:
-            raise ValueError(f"{self.name}: spec is not in this space: {exc}") from None
+            raise SpaceError(f"{self.name}: spec is not in this space: {exc}") from None
         if decoded != spec:
-            raise ValueError(f"{self.name}: spec is not in this space: {spec.encode()}")
+            raise SpaceError(f"{self.name}: spec is not in this space: {spec.encode()}")
         return params
 
     # -- counting ----------------------------------------------------------------------------
@@ -592,10 +604,10 @@ def _find_file(path: str | os.PathLike[str]) -> Path:
         if shipped.is_file():
             return shipped
         known = sorted(p.stem for p in shipped.parent.glob("*.yaml"))
-        raise ValueError(
+        raise SpaceError(
             f"{name}: no such file and no shipped space of that name; shipped: {known}"
         )
-    raise ValueError(f"{name}: no such search-space file")
+    raise SpaceError(f"{name}: no such search-space file")
 
 
 class _Loader:
@@ -604,15 +616,15 @@ class _Loader:
     def __init__(self, source: str) -> None:
         self.source = source
 
-    def fail(self, key: str, value: Any, why: str) -> ValueError:
-        return ValueError(f"{self.source}: {key}: {why} (got {value!r})")
+    def fail(self, key: str, value: Any, why: str) -> SpaceError:
+        return SpaceError(f"{self.source}: {key}: {why} (got {value!r})")
 
     def load(self, data: Any) -> SearchSpace:
         if not isinstance(data, Mapping):
-            raise ValueError(f"{self.source}: expected a mapping at the top level")
+            raise SpaceError(f"{self.source}: expected a mapping at the top level")
         self.check_keys("", data, _TOP_KEYS + ("stages",))
         if "base" not in data:
-            raise ValueError(f"{self.source}: base: missing (a model name or a spec string)")
+            raise SpaceError(f"{self.source}: base: missing (a model name or a spec string)")
         base = self.base(data["base"])
         changes: dict[str, Any] = {}
         for key in ("input_size", "num_classes"):
@@ -631,7 +643,7 @@ class _Loader:
         try:
             base.validate()
         except ValueError as exc:
-            raise ValueError(f"{self.source}: base (with overrides): {exc}") from None
+            raise SpaceError(f"{self.source}: base (with overrides): {exc}") from None
         stages_data = data.get("stages") or {}
         if not isinstance(stages_data, Mapping):
             raise self.fail("stages", stages_data, "must be a mapping keyed by stage index")
@@ -660,7 +672,7 @@ class _Loader:
             try:
                 return _spec.decode(value)
             except ValueError as exc:
-                raise ValueError(f"{self.source}: base: {exc}") from None
+                raise SpaceError(f"{self.source}: base: {exc}") from None
         from aanas.models import get_spec, list_models  # lazy: imports torch
 
         if value not in list_models():
@@ -671,21 +683,27 @@ class _Loader:
     def check_keys(self, where: str, data: Mapping[str, Any], allowed: Sequence[str]) -> None:
         for key in data:
             if key not in allowed:
-                path = f"{where}.{key}" if where else str(key)
+                # a key with a newline or an empty key would break the one-line message
+                text = str(key) if str(key).isprintable() and str(key) else repr(key)
+                path = f"{where}.{text}" if where else text
                 raise self.fail(path, key, f"unknown key; expected one of {list(allowed)}")
 
     def choice_list(self, key: str, value: Any) -> list[Any]:
         items = list(value) if isinstance(value, list | tuple) else [value]
         if not items:
             raise self.fail(key, value, "empty choice list")
+        if len(items) > _MAX_CHOICES:
+            raise self.fail(key, f"<{len(items)} choices>", f"at most {_MAX_CHOICES} choices")
         for i, item in enumerate(items):
             if any(_same(item, other) for other in items[:i]):
                 raise self.fail(key, value, f"duplicate choice {item!r}")
         return items
 
-    def integer(self, key: str, value: Any, low: int) -> int:
+    def integer(self, key: str, value: Any, low: int, high: int | None = None) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise self.fail(key, value, f"must be an integer >= {low}")
+        if high is not None and value > high:
+            raise self.fail(key, value, f"must be an integer in [{low}, {high}]")
         return value
 
     def number(
@@ -720,14 +738,14 @@ class _Loader:
         if "depth" in data and isinstance(data["depth"], Mapping):
             rng = data["depth"]
             self.check_keys(f"{where}.depth", rng, ("low", "high", "step"))
-            low = self.integer(f"{where}.depth.low", rng.get("low"), 1)
-            high = self.integer(f"{where}.depth.high", rng.get("high"), low)
-            step = self.integer(f"{where}.depth.step", rng.get("step", 1), 1)
+            low = self.integer(f"{where}.depth.low", rng.get("low"), 1, _MAX_DEPTH)
+            high = self.integer(f"{where}.depth.high", rng.get("high"), low, _MAX_DEPTH)
+            step = self.integer(f"{where}.depth.step", rng.get("step", 1), 1, _MAX_DEPTH)
             depth_range = (low, high, step)
             depth = tuple(range(low, high + 1, step))
         elif "depth" in data:
             depth = self.choices(
-                f"{where}.depth", data["depth"], lambda k, v: self.integer(k, v, 1)
+                f"{where}.depth", data["depth"], lambda k, v: self.integer(k, v, 1, _MAX_DEPTH)
             )
         else:
             depth = (len(layers),)
@@ -796,7 +814,7 @@ class _Loader:
             elif default is not None or not needs_ratios:
                 values[key] = (default,) if default is not None else (0.0 if key != "heads" else 1,)
             else:
-                raise ValueError(f"{self.source}: {where}.{key}: missing (placement {placements})")
+                raise SpaceError(f"{self.source}: {where}.{key}: missing (placement {placements})")
         mkd = self.integer(f"{where}.min_key_depth", data.get("min_key_depth", 0), 0)
         return _AAChoices(placement=placements, min_key_depth=mkd, **values)
 
@@ -809,13 +827,33 @@ class _Loader:
         so checking each stage's combinations at its maximum depth, for every width, covers
         the whole product without enumerating it (see :func:`_variant_probes`).
         """
+        count = _probe_count(space)
+        if count > _MAX_PROBES:
+            raise SpaceError(
+                f"{self.source}: stages: the choices give {count} (width, stage, kernel, "
+                f"expansion, se, attention) combinations to check; at most {_MAX_PROBES}"
+            )
         for probe, key, what in _variant_probes(space):
             try:
                 probe.validate()
             except ValueError as exc:
-                raise ValueError(
+                raise SpaceError(
                     f"{self.source}: {key}: choices {{{what}}} give an invalid block: {exc}"
                 ) from None
+
+
+def _probe_count(space: SearchSpace) -> int:
+    """How many specs :func:`_variant_probes` yields, counted without building them."""
+    total = 0
+    for st in space._stages:
+        combos = 1
+        if st.aa is not None and any(p != "none" for p in st.aa.placement):
+            combos = math.prod(len(c) for c in (st.aa.kappa, st.aa.upsilon, st.aa.heads))
+            combos *= len(st.aa.relative)
+        for choices in (st.kernel, st.expansion, st.se):
+            combos *= len(choices) if choices else 1
+        total += combos
+    return total * len(space._widths or (space.base.width,))
 
 
 def _variant_probes(space: SearchSpace) -> Iterator[tuple[ArchSpec, str, str]]:

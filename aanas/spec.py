@@ -460,10 +460,13 @@ def _check_limit(where: str, key: str, value: object) -> None:
 
     Values of the wrong type pass here: the field checks name them with their expected type.
     """
+    if isinstance(value, bool):  # True == 1 would pass every numeric check below
+        raise SpecError(f"{where}: must be a number, got {value!r}")
     if not _is_number(value) or key in _RANGE_FIELDS:
         return
     limit, why = SPEC_LIMITS[key]
-    if not math.isfinite(value) or value > limit:  # type: ignore[arg-type]
+    # ints first: math.isfinite(10**400) would raise OverflowError converting to float
+    if value > limit or (isinstance(value, float) and not math.isfinite(value)):  # type: ignore[operator]
         raise SpecError(f"{where}: must be <= {_fmt(limit)} ({why}), got {value!r}")
 
 
@@ -487,9 +490,17 @@ def _check_limits(spec: ArchSpec) -> None:
             aa = getattr(b, "aa", None)
             for key in ("kappa", "upsilon", "heads", "min_key_depth"):
                 _check_limit(f"{where}.aa.{key}", f"aa.{key}", getattr(aa, key, None))
+            # flags from a dict must be real bools: {"skip": {}} would make the spec unhashable
+            _check_bool(f"{where}.skip", getattr(b, "skip", True))
+            _check_bool(f"{where}.aa.relative", getattr(aa, "relative", True))
             repeats = getattr(b, "repeats", None)
             total += repeats if isinstance(repeats, int) and repeats > 0 else 0
     _check_limit("stages", "total_blocks", total)
+
+
+def _check_bool(where: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise SpecError(f"{where}: must be true or false, got {value!r}")
 
 
 def _check_resolved_channels(where: str, channels: int) -> None:
@@ -659,8 +670,8 @@ def _decode_aa(where: str, token: str) -> AASpec:
         seen.add(key)
         if opt == "abs":
             relative = False
-        elif opt.startswith("d") and opt[1:].isdigit():
-            min_key_depth = int(opt[1:])
+        elif opt.startswith("d") and opt[1:]:
+            min_key_depth = _parse_number(f"{where}.aa.min_key_depth", opt[1:], int)
         else:
             raise SpecError(f"{where}: unknown AA option {opt!r} in {token!r}")
     return AASpec(kappa, upsilon, heads, relative, min_key_depth)
@@ -735,6 +746,8 @@ def decode(text: str) -> ArchSpec:
     Raises:
         SpecError: naming the part, block and token that is wrong.
     """
+    if not isinstance(text, str):
+        raise SpecError(f"spec: expected a spec string, got {type(text).__name__}")
     parts = text.strip().split(":")
     if len(parts) != 5:
         raise SpecError(
@@ -774,11 +787,22 @@ def to_dict(spec: ArchSpec) -> dict[str, Any]:
 def _build(cls: type, where: str, data: Any) -> Any:
     if not isinstance(data, Mapping):
         raise SpecError(f"{where}: expected a mapping, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    fields = dataclasses.fields(cls)
+    names = {f.name for f in fields}
+    unknown = sorted((k for k in data if k not in names), key=str)  # keys may be any YAML scalar
     if unknown:
         raise SpecError(f"{where}: unknown key {unknown[0]!r}; expected keys {sorted(names)}")
+    for f in fields:
+        no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if no_default and f.name not in data:
+            raise SpecError(f"{where}: missing key {f.name!r}")
     return cls(**data)
+
+
+def _as_list(where: str, data: Any) -> list[Any] | tuple[Any, ...]:
+    if not isinstance(data, list | tuple):
+        raise SpecError(f"{where}: expected a list, got {type(data).__name__}")
+    return data
 
 
 def from_dict(data: Mapping[str, Any]) -> ArchSpec:
@@ -791,9 +815,9 @@ def from_dict(data: Mapping[str, Any]) -> ArchSpec:
             raise SpecError(f"spec: missing key {required!r}")
     fields["stem"] = _build(StemSpec, "stem", fields["stem"])
     stages = []
-    for i, stage in enumerate(fields["stages"]):
+    for i, stage in enumerate(_as_list("stages", fields["stages"])):
         blocks = []
-        for j, block in enumerate(stage):
+        for j, block in enumerate(_as_list(f"stage{i}", stage)):
             where = f"stage{i}.block{j}"
             block = dict(_as_mapping(where, block))
             if block.get("aa") is not None:
@@ -803,9 +827,7 @@ def from_dict(data: Mapping[str, Any]) -> ArchSpec:
     fields["stages"] = tuple(stages)
     spec: ArchSpec = _build(ArchSpec, "spec", fields)
     for key in ("width", "dropout"):
-        value = getattr(spec, key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            spec = dataclasses.replace(spec, **{key: float(value)})
+        spec = dataclasses.replace(spec, **{key: _as_float(getattr(spec, key))})
     return _normalize_numbers(spec).validate()
 
 
@@ -829,4 +851,7 @@ def _normalize_numbers(spec: ArchSpec) -> ArchSpec:
 
 
 def _as_float(x: Any) -> Any:
-    return float(x) if isinstance(x, int) and not isinstance(x, bool) else x
+    """int -> float; an int too large for a float stays an int, for the limits to reject."""
+    if isinstance(x, int) and not isinstance(x, bool) and abs(x) < 2**1000:
+        return float(x)
+    return x

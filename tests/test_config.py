@@ -199,4 +199,7 @@ def test_config_is_layer_zero() -> None:
     tree = ast.parse(Path(aanas.config.__file__).read_text(encoding="utf-8"))
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert not {n for n in names if n.split(".")[0] in ("torch", "aanas", "numpy")}
+    # Other L0 modules are fine: the error types and the spec's limits table.
+    layer0 = {"aanas.errors", "aanas.spec", "aanas._io"}
+    heavy = {n for n in names if n.split(".")[0] in ("torch", "aanas", "numpy")}
+    assert not heavy - layer0
