@@ -644,6 +644,12 @@ class _Loader:
             base.validate()
         except ValueError as exc:
             raise SpaceError(f"{self.source}: base (with overrides): {exc}") from None
+        # every width, even where no stage is searched (the probes only cover searched stages)
+        for i, width in enumerate(widths or ()):
+            try:
+                dataclasses.replace(base, width=width).validate()
+            except ValueError as exc:
+                raise SpaceError(f"{self.source}: width[{i}]: {exc}") from None
         stages_data = data.get("stages") or {}
         if not isinstance(stages_data, Mapping):
             raise self.fail("stages", stages_data, "must be a mapping keyed by stage index")

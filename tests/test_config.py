@@ -18,6 +18,7 @@ from aanas.config import (
     recipe_from_dict,
     recipe_to_dict,
 )
+from aanas.errors import RecipeError
 
 SHIPPED = {
     "imagenet_resnet50",
@@ -87,7 +88,7 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
 
 def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
     path = _write(tmp_path, "lr: 0.1\nlearning_rate: 0.2\n")
-    with pytest.raises(ValueError, match="learning_rate") as info:
+    with pytest.raises(RecipeError, match="learning_rate") as info:
         load_recipe(path)
     assert str(path) in str(info.value)
 
@@ -105,7 +106,7 @@ def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
     ],
 )
 def test_wrong_type_names_field_value_and_type(tmp_path: Path, text: str, field: str) -> None:
-    with pytest.raises(ValueError, match=field) as info:
+    with pytest.raises(RecipeError, match=field) as info:
         load_recipe(_write(tmp_path, text))
     assert "expected" in str(info.value)
 
@@ -121,13 +122,13 @@ def test_yaml_widening(tmp_path: Path) -> None:
 
 
 def test_value_checks(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="optimizer.*sgd.*adam"):
+    with pytest.raises(RecipeError, match="optimizer.*sgd.*adam"):
         load_recipe(_write(tmp_path, "optimizer: adam\n"))
-    with pytest.raises(ValueError, match="milestones"):
+    with pytest.raises(RecipeError, match="milestones"):
         TrainRecipe(schedule="step")
-    with pytest.raises(ValueError, match="val_fraction"):
+    with pytest.raises(RecipeError, match="val_fraction"):
         TrainRecipe(val_fraction=1.0)
-    with pytest.raises(ValueError, match="nesterov"):
+    with pytest.raises(RecipeError, match="nesterov"):
         TrainRecipe(optimizer="rmsprop", nesterov=True)
 
 
@@ -149,18 +150,71 @@ def test_overrides_are_type_checked() -> None:
     assert r.milestones == (1, 2) and r.data == "imagefolder:/some/path" and r.data_root is None
     assert apply_overrides(r, ["milestones=[4, 5]"]).milestones == (4, 5)
     assert base == TrainRecipe()  # frozen: overrides return a copy
-    with pytest.raises(ValueError, match="epochs"):
+    with pytest.raises(RecipeError, match="epochs"):
         apply_overrides(base, ["epochs=abc"])
-    with pytest.raises(ValueError, match="epochs"):
+    with pytest.raises(RecipeError, match="epochs"):
         apply_overrides(base, ["epochs=1.5"])
-    with pytest.raises(ValueError, match="amp"):
+    with pytest.raises(RecipeError, match="amp"):
         apply_overrides(base, ["amp=maybe"])
-    with pytest.raises(ValueError, match="unknown key 'lrate'"):
+    with pytest.raises(RecipeError, match="unknown key 'lrate'"):
         apply_overrides(base, ["lrate=0.1"])
-    with pytest.raises(ValueError, match="key=value"):
+    with pytest.raises(RecipeError, match="key=value"):
         apply_overrides(base, ["lr"])
-    with pytest.raises(ValueError, match="epochs"):
+    with pytest.raises(RecipeError, match="epochs"):
         apply_overrides(base, ["epochs=0"])  # __post_init__ range check still applies
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("batch_size=10000000", r"batch_size must be >= 1 and <= 65536, got 10000000"),
+        ("input_size=100000", r"input_size must be >= 1 and <= 4096"),
+        ("epochs=99999999999999999999", r"epochs must be >= 1 and <= 100000"),
+        ("workers=100000", r"workers must be >= 0 and <= 1024"),
+        ("epochs=1e999", r"override epochs='1e999': expected int"),
+        ("lr=nan", r"lr must be finite"),
+        ("decay_epochs=inf", r"decay_epochs must be finite"),
+        ("decay_epochs=nan", r"decay_epochs must be finite"),
+    ],
+)
+def test_overrides_are_bounded(override: str, match: str) -> None:
+    with pytest.raises(RecipeError, match=match) as info:
+        apply_overrides(TrainRecipe(), [override])
+    assert "\n" not in str(info.value)
+
+
+def test_any_recipe_class_check_becomes_a_recipe_error(tmp_path: Path) -> None:
+    # A recipe class whose own __post_init__ raises plain ValueError (as SearchRecipe's does):
+    # overrides and files still report it as the one error type the CLI expects.
+    @dataclasses.dataclass(frozen=True)
+    class DemoRecipe:
+        trials: int = 10
+
+        def __post_init__(self) -> None:
+            if self.trials < 1:
+                raise ValueError(f"trials must be >= 1, got {self.trials}")
+
+    with pytest.raises(RecipeError, match="trials must be >= 1, got 0"):
+        apply_overrides(DemoRecipe(), ["trials=0"])
+    with pytest.raises(RecipeError, match=r"r\.yaml: trials must be >= 1, got -1"):
+        load_dataclass(DemoRecipe, _write(tmp_path, "trials: -1\n"))
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"model: caf\xe9\n", r"invalid YAML: .*utf-8"),  # latin-1, not UTF-8
+        (b"model: 2020-13-45\n", r"invalid YAML: month"),  # PyYAML's own ValueError
+        (b"[" * 50_000, r"invalid YAML"),  # deep nesting: RecursionError inside PyYAML
+        (b"- 1\n- 2\n", r"expected a mapping"),
+    ],
+)
+def test_unreadable_files_are_recipe_errors(tmp_path: Path, content: bytes, match: str) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_bytes(content)
+    with pytest.raises(RecipeError, match=match) as info:
+        load_recipe(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
 def test_load_with_overrides(tmp_path: Path) -> None:
@@ -178,7 +232,7 @@ def test_generic_loader_reuses_for_other_dataclasses(tmp_path: Path) -> None:
     path = _write(tmp_path, "trials: 4\nratios: [0.1, 0.2]\n")
     r = load_dataclass(DemoRecipe, path, ["demo.space=mine"])
     assert r == DemoRecipe(trials=4, space="mine", ratios=(0.1, 0.2))
-    with pytest.raises(ValueError, match="unknown key 'lr'"):
+    with pytest.raises(RecipeError, match="unknown key 'lr'"):
         load_dataclass(DemoRecipe, _write(tmp_path, "lr: 1\n", "bad.yaml"))
 
 

@@ -12,6 +12,7 @@ import optuna
 import pytest
 
 from aanas import spec as spec_mod
+from aanas.errors import SpaceError
 from aanas.search.adapters import (
     active_params,
     ray_config_to_spec,
@@ -228,14 +229,58 @@ _TINY_BASE = "mnasnet:i32_n10_w1_d0:conv_c16_k3_s1:ir_r2_k3_s2_e3_c32/ir_r2_k3_s
         ("stages: {}\n", r"base: missing"),
         (f"base: '{_TINY_BASE}'\nstages: [\n", r"bad\.yaml: invalid YAML"),
         (f"base: '{_TINY_BASE}'\nwidth: []\n", r"width: empty choice list"),
+        # bounds: nothing in a space file may make loading expand or enumerate without limit
+        (
+            f"base: '{_TINY_BASE}'\nstages:\n  1:\n    depth: {{low: 1, high: 1000000000}}\n",
+            r"stages\.1\.depth\.high: must be an integer in \[1, 1024\]",
+        ),
+        (f"base: '{_TINY_BASE}'\nstages:\n  1:\n    depth: [1, 99999]\n", r"stages\.1\.depth: "),
+        (
+            f"base: '{_TINY_BASE}'\nstages:\n  1:\n    kernel: {list(range(1, 131, 2))}\n",
+            r"stages\.1\.kernel: at most 64 choices",
+        ),
+        (f"base: '{_TINY_BASE}'\ninput_size: 100000\n", r"base \(with overrides\): input_size"),
+        (f"base: '{_TINY_BASE}'\nwidth: [1.0, 1.0e+300]\n", r"width\[1\]: width: must be <= 8"),
+        (f"base: '{_TINY_BASE}'\nstages:\n  1:\n    expansion: [.inf]\n", r"expansion"),
+        # PyYAML itself raises ValueError on an impossible date; still one SpaceError line
+        (f"base: '{_TINY_BASE}'\nname: 2020-13-45\n", r"bad\.yaml: invalid YAML: month"),
     ],
 )
 def test_invalid_yaml(tmp_path: Path, text: str, match: str) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    with pytest.raises(ValueError, match=match) as info:
+    with pytest.raises(SpaceError, match=match) as info:
         SearchSpace.from_yaml(path)
     assert "\n" not in str(info.value)
+
+
+def test_not_utf8_is_a_space_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(SpaceError, match=r"latin1\.yaml: invalid YAML: .*utf-8"):
+        SearchSpace.from_yaml(path)
+
+
+def test_too_many_load_time_checks_is_refused_quickly() -> None:
+    # Every list is valid and short, but their product would make the load-time check validate
+    # 64 widths x 16 kernels x 8 expansions x 8 SE ratios = 65536 probe specs.
+    import time
+
+    data = {
+        "base": _TINY_BASE,
+        "width": [1.0 + i / 64 for i in range(64)],
+        "stages": {
+            1: {
+                "kernel": list(range(1, 32, 2)),
+                "expansion": [1, 2, 3, 4, 5, 6, 7, 8],
+                "se": [0.0, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6],
+            }
+        },
+    }
+    start = time.perf_counter()
+    with pytest.raises(SpaceError, match=r"stages: the choices give 65536 .* at most 10000"):
+        SearchSpace.from_dict(data)
+    assert time.perf_counter() - start < 1.0
 
 
 def test_heads_checked_on_every_width_and_expansion(tmp_path: Path) -> None:
