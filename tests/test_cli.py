@@ -133,3 +133,26 @@ def test_every_option_shows_type_and_default(
         assert f"(default: {default})" in entry or (
             action.dest.startswith("search_") and "(default: " in entry
         ), entry
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        # the reproductions: a hang growing to 9 GB, and a raw allocation traceback
+        ("mnasnet:i32_n10_w1_d0:conv_c16_k3_s2:ir_r999999999_k3_s1_e3_c24:c0", "repeats"),
+        ("mnasnet:i32_n10_w1_d0:conv_c16_k3_s2:ir_r1_k3_s1_e3_c999999999:c0", "out_channels"),
+    ],
+)
+def test_huge_spec_is_a_one_line_usage_error(
+    spec: str, field: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import time
+
+    import aanas.cost  # noqa: F401  (torch's import time is not the spec check's)
+
+    start = time.perf_counter()
+    assert main(["profile", spec, "--no-latency"]) == 2
+    assert time.perf_counter() - start < 5.0  # parse + check only; nothing is built
+    err = capsys.readouterr().err
+    assert err.startswith(f"aanas: error: stage0.block0.{field}: must be <= ")
+    assert err.count("\n") == 1
