@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -36,11 +37,11 @@ RESNET_SPACE = yaml.safe_load(
 SPEC_STRINGS = [get_spec(n).encode() for n in ("mnasnet_a1_100", "aa_resnet50", "aa_wrn28_10")]
 
 # One second per call, as the contract says; a loaded 2-core CI box gets no more. CI runs the
-# same 120 examples per test every time (derandomize); AANAS_FUZZ_EXAMPLES=5000 hunts further
+# same 100 examples per test every time (derandomize); AANAS_FUZZ_EXAMPLES=5000 hunts further
 # with fresh random examples.
 _EXAMPLES = int(os.environ.get("AANAS_FUZZ_EXAMPLES", "0"))
 FUZZ = settings(
-    max_examples=_EXAMPLES or 120,
+    max_examples=_EXAMPLES or 100,
     deadline=1000,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     derandomize=not _EXAMPLES,
@@ -189,6 +190,30 @@ def test_space_from_yaml_file_fuzz(tmp_path: Path, content: str | bytes) -> None
     else:
         path.write_bytes(content)
     _contract(SearchSpace.from_yaml, path)
+
+
+_TINY = SearchSpace.from_dict(TINY_SPACE)
+
+
+@st.composite
+def tiny_params(draw: st.DrawFn) -> dict[Any, Any]:
+    """Valid parameters of the tiny space with entries changed, dropped or added."""
+    params: dict[Any, Any] = _TINY.sample_params(np.random.default_rng(draw(st.integers(0, 99))))
+    for _ in range(draw(st.integers(0, 3))):
+        key = draw(st.sampled_from(sorted(params, key=repr)) | st.text(max_size=8) | st.integers())
+        if draw(st.booleans()):
+            params.pop(key, None)
+        else:
+            params[key] = draw(yamlish)
+    return params
+
+
+@FUZZ
+@given(tiny_params() | st.dictionaries(st.text(max_size=12) | st.integers(), yamlish))
+def test_space_decode_params_fuzz(params: dict[Any, Any]) -> None:
+    spec = _contract(_TINY.decode, params)
+    if spec is not None:
+        assert _TINY.decode(_TINY.encode_params(spec)) == spec
 
 
 # --- recipes and --set overrides --------------------------------------------------------------
