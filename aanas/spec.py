@@ -462,11 +462,11 @@ def _check_limit(where: str, key: str, value: object) -> None:
     """
     if isinstance(value, bool):  # True == 1 would pass every numeric check below
         raise SpecError(f"{where}: must be a number, got {value!r}")
-    if not _is_number(value) or key in _RANGE_FIELDS:
+    if not isinstance(value, int | float) or key in _RANGE_FIELDS:
         return
     limit, why = SPEC_LIMITS[key]
-    # ints first: math.isfinite(10**400) would raise OverflowError converting to float
-    if value > limit or (isinstance(value, float) and not math.isfinite(value)):  # type: ignore[operator]
+    # not math.isfinite(value) alone: it raises OverflowError for an int like 10**400
+    if value > limit or (isinstance(value, float) and not math.isfinite(value)):
         raise SpecError(f"{where}: must be <= {_fmt(limit)} ({why}), got {value!r}")
 
 
