@@ -66,7 +66,7 @@ def _field_metavar(annotation: Any) -> str:
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if typing.get_origin(annotation) is tuple:
         return f"{_TYPE_METAVARS.get(args[0], 'STR')},..."
-    if args and typing.get_origin(annotation) is not tuple:
+    if args:  # X | None
         annotation = args[0]
     return _TYPE_METAVARS.get(annotation, "STR")
 
