@@ -756,10 +756,14 @@ def decode(text: str) -> ArchSpec:
         )
     family, glob, stem, stages_text, head = parts
     stages: list[tuple[BlockSpec, ...]] = []
-    for i, stage_text in enumerate(stages_text.split("/")):
+    stage_texts = stages_text.split("/")
+    _check_limit("stages", "stages", len(stage_texts))  # before decoding any block
+    for i, stage_text in enumerate(stage_texts):
+        block_texts = stage_text.split(",")
+        _check_limit(f"stage{i}", "blocks", len(block_texts))
         blocks = tuple(
             _decode_block(f"stage{i}.block{j}", block_text)
-            for j, block_text in enumerate(stage_text.split(","))
+            for j, block_text in enumerate(block_texts)
         )
         stages.append(blocks)
     if not head.startswith("c"):
@@ -815,9 +819,13 @@ def from_dict(data: Mapping[str, Any]) -> ArchSpec:
             raise SpecError(f"spec: missing key {required!r}")
     fields["stem"] = _build(StemSpec, "stem", fields["stem"])
     stages = []
-    for i, stage in enumerate(_as_list("stages", fields["stages"])):
+    stage_list = _as_list("stages", fields["stages"])
+    _check_limit("stages", "stages", len(stage_list))  # before building any block
+    for i, stage in enumerate(stage_list):
         blocks = []
-        for j, block in enumerate(_as_list(f"stage{i}", stage)):
+        block_list = _as_list(f"stage{i}", stage)
+        _check_limit(f"stage{i}", "blocks", len(block_list))
+        for j, block in enumerate(block_list):
             where = f"stage{i}.block{j}"
             block = dict(_as_mapping(where, block))
             if block.get("aa") is not None:

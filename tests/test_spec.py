@@ -361,6 +361,8 @@ def test_every_numeric_field_has_a_limit() -> None:
         ("mnasnet:i32_n10_w1e308_d0:conv_c16_k3_s2:ir_c24:c0", r"^width"),
         ("mnasnet:i32_n10_w1_d0:conv_c16_k3_s2:" + "/".join(["ir_c8"] * 17) + ":c0", r"^stages"),
         ("mnasnet:i32_n10_w1_d0:conv_c16_k3_s2:" + ",".join(["ir_c8"] * 65) + ":c0", r"^stage0"),
+        # counted before a single block is decoded: a megabyte of blocks fails at once
+        ("mnasnet:i32_n10_w1_d0:conv_c16_k3_s2:" + "/".join(["ir_c8"] * 200_000) + ":c0", "^st"),
         # 16 stages of 64 repeats plus one more block: 1025 blocks after expansion > 1024
         (
             "mnasnet:i32_n10_w1_d0:conv_c16_k3_s2:" + "/".join(["ir_r64_c8"] * 16) + ",ir_c8:c0",
