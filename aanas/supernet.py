@@ -19,7 +19,8 @@ The spec is always passed explicitly (``supernet(x, spec)``); nothing is "activa
 :meth:`SuperNet.extract` returns the static model ``aanas.create_model(spec)`` builds, loaded
 with exactly the sliced tensors the supernet path uses, so both give the same outputs.
 
-Supported block types: ``ir``, ``ds`` (MnasNet), ``bottle``, ``basic`` (ResNet), each with
+Supported block types: ``ir``, ``ds`` (MnasNet), ``bottle``, ``basic`` (ResNet), ``preact``
+(Wide-ResNet), each with
 every attention mode its record (``aanas.block_types``) allows; the elastic layout of each is
 ``_LAYOUTS``, keyed like the records.
 """
@@ -76,30 +77,41 @@ def _prefixed(prefix: str, state: dict[str, Tensor]) -> dict[str, Tensor]:
 class _Layout:
     """The elastic constructor of one block type: the static block's layer names and shape.
 
-    Every supported block is ``[expand 1x1 -> BN -> act] -> spatial kxk -> BN -> act -> [SE] ->
-    project -> BN`` plus its shortcut; the three convs are the sites of ``aanas.block_types``
-    (``expansion``, ``spatial``, ``projection``), any one of which may be augmented.
+    Every supported block is ``[pre BN -> act] -> [expand 1x1 -> BN -> act] -> spatial kxk ->
+    BN -> act -> [SE] -> project [-> BN]`` plus its shortcut; the three convs are the sites of
+    ``aanas.block_types`` (``expansion``, ``spatial``, ``projection``), any one of which may be
+    augmented.
     """
 
     expand: tuple[str, str] | None  # (conv, bn) of the 1x1 expansion; None: the block has none
     spatial: tuple[str, str]
-    project: tuple[str, str]
+    project: tuple[str, str | None]  # bn None: the block ends on the conv (pre-activation)
     depthwise: bool  # the spatial conv is depthwise (MnasNet)
     project_kernel: bool  # the projection is k x k (ResNet basic: conv2), not 1x1
-    mobile: bool  # MBConv: identity shortcut only and no activation after the sum
+    # projection shortcut (conv, bn or None), read from the pre-activated input if ``pre_bn``;
+    # None: identity only, where shapes allow (MnasNet)
+    shortcut: tuple[str, str | None] | None
+    final_act: bool  # activation after the sum (ResNet)
+    pre_bn: str | None = None  # BN-act on the block input (Wide-ResNet)
 
 
+_RESNET_SHORTCUT = ("downsample.0", "downsample.1")
 # The elastic half of each block-type record (keys of aanas.block_types.BLOCK_TYPES).
 _LAYOUTS: dict[str, _Layout] = {
-    "ir": _Layout(("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3"), True, False, True),
-    "ds": _Layout(None, ("conv_dw", "bn1"), ("conv_pw", "bn2"), True, False, True),
-    "bottle": _Layout(("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"), False, False, False),
-    "basic": _Layout(None, ("conv1", "bn1"), ("conv2", "bn2"), False, True, False),
+    "ir": _Layout(
+        ("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3"), True, False, None, False
+    ),
+    "ds": _Layout(None, ("conv_dw", "bn1"), ("conv_pw", "bn2"), True, False, None, False),
+    "bottle": _Layout(
+        ("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"), False, False, _RESNET_SHORTCUT, True
+    ),
+    "basic": _Layout(None, ("conv1", "bn1"), ("conv2", "bn2"), False, True, _RESNET_SHORTCUT, True),
+    "preact": _Layout(
+        None, ("conv1", "bn2"), ("conv2", None), False, True, ("shortcut", None), False, "bn1"
+    ),
 }
-# Block types the supernet cannot share weights for yet, with the reason shown to the user.
-UNSUPPORTED_BLOCK_TYPES: dict[str, str] = {
-    "preact": "pre-activation (Wide-ResNet) blocks have no elastic layout yet",
-}
+# Block types the supernet cannot share weights for, with the reason shown to the user.
+UNSUPPORTED_BLOCK_TYPES: dict[str, str] = {}
 assert set(_LAYOUTS) | set(UNSUPPORTED_BLOCK_TYPES) == set(BLOCK_TYPES)
 
 
@@ -186,6 +198,9 @@ class _SuperBlock(nn.Module):
                 for mode, a in b.attn.items()
             }
         )
+        self.pre_bn: ElasticBatchNorm2d | None = None
+        if lay.pre_bn:
+            self.pre_bn = ElasticBatchNorm2d(b.in_max, momentum=_BN_MOMENTUM)
         self.expand: ElasticConv2d | None = None
         self.expand_bn: ElasticBatchNorm2d | None = None
         if lay.expand:
@@ -202,12 +217,15 @@ class _SuperBlock(nn.Module):
             self.se_reduce = ElasticConv2d(s_bank, b.se_max, 1, bias=True)
             self.se_expand = ElasticConv2d(b.se_max, s_bank, 1, bias=True)
         self.project = ElasticConv2d(s_bank, b.out_max, b.kernel_max if lay.project_kernel else 1)
-        self.project_bn = ElasticBatchNorm2d(o_bank, momentum=_BN_MOMENTUM)
+        self.project_bn: ElasticBatchNorm2d | None = None
+        if lay.project[1]:
+            self.project_bn = ElasticBatchNorm2d(o_bank, momentum=_BN_MOMENTUM)
         self.down: ElasticConv2d | None = None
         self.down_bn: ElasticBatchNorm2d | None = None
-        if b.projection:
+        if b.projection and lay.shortcut is not None:
             self.down = ElasticConv2d(b.in_max, b.out_max, 1)
-            self.down_bn = ElasticBatchNorm2d(b.out_max, momentum=_BN_MOMENTUM)
+            if lay.shortcut[1]:
+                self.down_bn = ElasticBatchNorm2d(b.out_max, momentum=_BN_MOMENTUM)
 
     def _plan(
         self, rb: ResolvedBlock, device: torch.device
@@ -295,6 +313,10 @@ class _SuperBlock(nn.Module):
         lay = self.layout
         e_c, idx_e, idx_s, idx_o = self._plan(rb, self.spatial.weight.device)
         state: dict[str, Tensor] = {}
+        if lay.pre_bn is not None:
+            assert self.pre_bn is not None
+            pre = self.pre_bn.sliced_state(_first(rb.in_channels))
+            state.update(_prefixed(f"{lay.pre_bn}.", pre))
         if lay.expand is not None:
             assert self.expand is not None and self.expand_bn is not None
             conv_name, bn_name = lay.expand
@@ -320,13 +342,18 @@ class _SuperBlock(nn.Module):
         state.update(
             self._site_state("projection", conv_name, self.project, idx_s, out, rb, kernel)
         )
-        state.update(_prefixed(f"{bn_name}.", self.project_bn.sliced_state(idx_o)))
-        if rb.residual and (rb.stride != 1 or rb.in_channels != out) and not lay.mobile:
-            assert self.down is not None and self.down_bn is not None
-            state["downsample.0.weight"] = self.down.sliced_weight(
+        if bn_name is not None:
+            assert self.project_bn is not None
+            state.update(_prefixed(f"{bn_name}.", self.project_bn.sliced_state(idx_o)))
+        if lay.shortcut is not None and rb.residual and (rb.stride != 1 or rb.in_channels != out):
+            assert self.down is not None
+            sc_conv, sc_bn = lay.shortcut
+            state[f"{sc_conv}.weight"] = self.down.sliced_weight(
                 _first(out), _first(rb.in_channels), 1
             )
-            state.update(_prefixed("downsample.1.", self.down_bn.sliced_state(_first(out))))
+            if sc_bn is not None:
+                assert self.down_bn is not None
+                state.update(_prefixed(f"{sc_bn}.", self.down_bn.sliced_state(_first(out))))
         return state
 
     def forward(self, x: Tensor, rb: ResolvedBlock) -> Tensor:
@@ -335,9 +362,12 @@ class _SuperBlock(nn.Module):
         e_c, idx_e, idx_s, idx_o = self._plan(rb, x.device)
         out = rb.out_channels
         h = x
+        if self.pre_bn is not None:
+            h = act(self.pre_bn(x, _first(rb.in_channels)))  # (B, in, H, W), pre-activated
+        pre = h
         if self.expand is not None:
             assert self.expand_bn is not None
-            h = self._site("expansion", self.expand, x, _first(rb.in_channels), e_c, rb, 1, 1)
+            h = self._site("expansion", self.expand, h, _first(rb.in_channels), e_c, rb, 1, 1)
             h = act(self.expand_bn(h, idx_e))  # (B, e, H, W)
         h = self._site("spatial", self.spatial, h, idx_e, rb.mid_channels, rb, rb.kernel, rb.stride)
         h = act(self.spatial_bn(h, idx_s))  # (B, s, H', W')
@@ -348,22 +378,19 @@ class _SuperBlock(nn.Module):
             s = self.se_expand(act(self.se_reduce(s, se, idx_s, 1)), idx_s, se, 1)
             h = h * torch.sigmoid(s)
         kernel = rb.kernel if lay.project_kernel else 1
-        h = self.project_bn(
-            self._site("projection", self.project, h, idx_s, out, rb, kernel, 1), idx_o
-        )
-        if lay.mobile:
-            mb: Tensor = h + x if rb.residual else h
-            return mb
+        h = self._site("projection", self.project, h, idx_s, out, rb, kernel, 1)
+        if self.project_bn is not None:
+            h = self.project_bn(h, idx_o)  # (B, out, H', W')
         if rb.residual:
-            if rb.stride != 1 or rb.in_channels != out:
-                assert self.down is not None and self.down_bn is not None
-                shortcut = self.down_bn(
-                    self.down(x, _first(out), _first(rb.in_channels), 1, rb.stride), _first(out)
-                )
-            else:
-                shortcut = x
+            shortcut = x
+            if lay.shortcut is not None and (rb.stride != 1 or rb.in_channels != out):
+                assert self.down is not None
+                src = pre if lay.pre_bn else x  # WRN projects the pre-activated input
+                shortcut = self.down(src, _first(out), _first(rb.in_channels), 1, rb.stride)
+                if self.down_bn is not None:
+                    shortcut = self.down_bn(shortcut, _first(out))
             h = h + shortcut
-        return act(h)
+        return act(h) if lay.final_act else h
 
 
 # --- the supernet -------------------------------------------------------------------------------
@@ -376,7 +403,8 @@ class SuperNet(nn.Module):
         space: the search space; every architecture ``space.decode`` can return is a path.
 
     Raises:
-        ValueError: for a family/block type the supernet does not support (``wrn``/preact).
+        ValueError: for a block type without an elastic layout (``UNSUPPORTED_BLOCK_TYPES``)
+            or a block position whose type or size differs between architectures.
     """
 
     # 2: per-site attention (``attn.<mode>.*``) and split banks for expansion/projection modes
@@ -386,8 +414,6 @@ class SuperNet(nn.Module):
         super().__init__()
         self.space = space
         largest = space.largest()
-        if largest.family == "wrn":
-            raise ValueError(f"{space.name}: SuperNet supports mnasnet and resnet spaces only")
         self.family = largest.family
         bounds: dict[tuple[int, int], _Bounds] = {}
         stem_max = head_in = features = 0
@@ -418,6 +444,10 @@ class SuperNet(nn.Module):
         if largest.head_channels:
             self.head = ElasticConv2d(head_in, largest.head_channels, 1)
             self.head_bn = ElasticBatchNorm2d(largest.head_channels, momentum=_BN_MOMENTUM)
+        # Wide-ResNet: pre-activation blocks end on a conv; a final BN-act normalises the last one
+        self.final_bn: ElasticBatchNorm2d | None = None
+        if largest.family == "wrn":
+            self.final_bn = ElasticBatchNorm2d(features, momentum=_BN_MOMENTUM)
         self.classifier = ElasticLinear(features, largest.num_classes)
 
     def _block(self, stage: int, index: int) -> _SuperBlock:
@@ -443,6 +473,8 @@ class SuperNet(nn.Module):
             h = F.max_pool2d(h, 3, 2, 1)
         for stage, j, rb in resolved.staged():
             h = self._block(stage, j)(h, rb)
+        if self.final_bn is not None:
+            h = act_fn(resolved.blocks[-1].act)(self.final_bn(h, _first(h.shape[1])))
         if self.head is not None:
             hc = _first(resolved.head_channels)
             h = act_fn(stem.act)(self.head_bn(self.head(h, hc, _first(h.shape[1]), 1), hc))
@@ -463,6 +495,8 @@ class SuperNet(nn.Module):
         for stage, j, rb in resolved.staged():
             block_state = self._block(stage, j).static_state(rb)
             state.update(_prefixed(f"blocks.{stage}.{j}.", block_state))
+        if self.final_bn is not None:
+            state.update(_prefixed("bn.", self.final_bn.sliced_state(_first(resolved.features))))
         if self.head is not None:
             hc = _first(resolved.head_channels)
             last = _first(resolved.blocks[-1].out_channels)

@@ -57,6 +57,9 @@ _SITES: dict[tuple[str, str], tuple[str, str, str]] = {
     ("preact", "spatial"): ("conv1", "in", "out"),
 }
 CASES = [(t, m) for t in BLOCK_TYPES for m in (None, *BLOCK_TYPES[t].aa_modes)]
+AA_CASES = [c for c in CASES if c[1] is not None]
+# Types whose modes test_supernet_mixed_modes_share_one_position covers all at once.
+_MIXED = ("ir", "bottle")
 
 
 def _case_id(case: tuple[str, str | None]) -> str:
@@ -87,7 +90,7 @@ def test_every_block_type_has_every_part() -> None:
     for name, record in BLOCK_TYPES.items():
         assert record.name == name and record.families
         assert set(record.aa_modes) <= set(AA_MODES) and "spatial" in record.aa_modes
-    assert set(UNSUPPORTED_BLOCK_TYPES) == {"preact"}  # the one without an elastic layout
+    assert not UNSUPPORTED_BLOCK_TYPES  # every type has an elastic layout
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
@@ -121,7 +124,7 @@ def test_validate_build_count(case: tuple[str, str | None]) -> None:
     assert reference_macs(model, spec.input_size) == analytical.macs
 
 
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", AA_CASES, ids=_case_id)  # plain blocks: tests/test_export.py
 def test_export_parity(case: tuple[str, str | None], tmp_path: Path) -> None:
     spec = _spec(*case)
     model = _calibrated(create_model(spec), spec.input_size)
@@ -177,18 +180,14 @@ def _paths_equal(space: SearchSpace, n: int, seed: int) -> set[str]:
     return seen
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c[1] is not None], ids=_case_id)
+@pytest.mark.parametrize("case", [c for c in AA_CASES if c[0] not in _MIXED], ids=_case_id)
 def test_supernet_path_equals_extracted(case: tuple[str, str | None]) -> None:
     btype, mode = case
     assert mode is not None
-    if btype in UNSUPPORTED_BLOCK_TYPES:
-        with pytest.raises(ValueError, match="SuperNet (supports|does not support)"):
-            SuperNet(_space(btype, [mode]))
-        return
-    assert mode in _paths_equal(_space(btype, [mode]), 4, seed=0)
+    assert mode in _paths_equal(_space(btype, [mode]), 3, seed=0)
 
 
-@pytest.mark.parametrize("btype", ["ir", "bottle"])
+@pytest.mark.parametrize("btype", _MIXED)
 def test_supernet_mixed_modes_share_one_position(btype: str) -> None:
     # All three modes at the same block positions: conv and attention channels of every site
     # live in separate banks, so any path still equals its extracted model.
@@ -293,7 +292,7 @@ def _random_spec(rng: np.random.Generator, family: str) -> S.ArchSpec:
 def test_random_valid_specs_build_and_count(family: str) -> None:
     rng = np.random.default_rng(12)
     built = 0
-    for _ in range(60):
+    for _ in range(40):
         spec = _random_spec(rng, family)
         try:
             spec.validate()
@@ -309,4 +308,4 @@ def test_random_valid_specs_build_and_count(family: str) -> None:
         hooks = count_module(model)
         assert (cost.params, cost.macs) == (hooks.params, hooks.macs), spec.encode()
         built += 1
-    assert built >= 15, built  # the generator must produce enough valid specs to mean anything
+    assert built >= 10, built  # the generator must produce enough valid specs to mean anything
