@@ -109,10 +109,7 @@ def _cost(parts: dict[str, tuple[int, int]]) -> Cost:
     )
 
 
-# --- per-layer formulas: aanas.block_types (L0), so cost filters need no torch ---------------
-
-_conv = conv_cost
-_bn = bn_cost
+# Per-layer and per-block formulas live in aanas.block_types (L0), so cost filters need no torch.
 
 
 # --- hook-based count (thop) --------------------------------------------------------------------
@@ -277,8 +274,8 @@ def _stem_cost(r: ResolvedArch) -> tuple[int, int]:
     """Stem conv (+ BN unless ``plain``); the ResNet max-pool counts nothing."""
     stem = r.spec.stem
     conv_size = -(-r.spec.input_size // stem.stride)
-    conv = _conv(3, r.stem_channels, stem.kernel, conv_size)
-    return conv if stem.type == "plain" else _add(conv, _bn(r.stem_channels))
+    conv = conv_cost(3, r.stem_channels, stem.kernel, conv_size)
+    return conv if stem.type == "plain" else _add(conv, bn_cost(r.stem_channels))
 
 
 def _head_cost(r: ResolvedArch) -> tuple[int, int]:
@@ -286,10 +283,11 @@ def _head_cost(r: ResolvedArch) -> tuple[int, int]:
     last = r.blocks[-1]
     if r.head_channels > 0:
         return _add(
-            _conv(last.out_channels, r.head_channels, 1, last.out_size), _bn(r.head_channels)
+            conv_cost(last.out_channels, r.head_channels, 1, last.out_size),
+            bn_cost(r.head_channels),
         )
     if r.spec.family == "wrn":
-        return _bn(last.out_channels)
+        return bn_cost(last.out_channels)
     return 0, 0
 
 
