@@ -52,6 +52,10 @@ PLACEMENTS: tuple[str, ...] = ("none", "last", "all", "each")
 # Preference orders used by largest() / smallest(): most attention first, least first.
 _MOST_AA = ("all", "each", "last", "none")
 _LEAST_AA = ("none", "last", "each", "all")
+# aa.mode for largest() / smallest(): spatial attention has the widest Fout (the expanded
+# tensor), projection the narrowest (the block output); expansion reads the narrow input.
+_MOST_MODE = ("spatial", "expansion", "projection")
+_LEAST_MODE = ("projection", "expansion", "spatial")
 
 _TOP_KEYS = ("name", "description", "base", "input_size", "num_classes", "dropout", "width")
 _STAGE_KEYS = ("depth", "per_block", "kernel", "expansion", "se", "aa")
@@ -263,6 +267,8 @@ class SearchSpace:
                 continue
             if p.name.endswith(".aa.placement"):
                 value = min(p.choices, key=order.index)
+            elif p.name.endswith(".aa.mode"):
+                value = min(p.choices, key=(_MOST_MODE if most else _LEAST_MODE).index)
             else:  # numbers and bools: True > False, so most = on
                 value = max(p.choices) if most else min(p.choices)
             params[p.name] = value

@@ -145,6 +145,9 @@ def test_aa_mode_parameter_size_and_round_trip() -> None:
     assert space.size() == len(specs) == (1 + 4) + (1 + 3 * 4)
     modes = {b.aa.mode for s in specs for st in s.stages for b in st if b.aa is not None}
     assert modes == {"expansion", "projection"}
+    # largest(): the mode listed first in aanas.space's widest-first order, not str order
+    largest = space.largest().stages[0]
+    assert {b.aa.mode for b in largest if b.aa is not None} == {"expansion"}
     for spec in specs:
         assert space.decode(space.encode_params(spec)) == spec
 
