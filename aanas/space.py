@@ -3,9 +3,10 @@
 A space starts from a base :class:`~aanas.spec.ArchSpec` (a registered model name or a spec
 string) and declares, per stage, the choices a search may make: depth (trailing blocks are
 skipped), kernel, expansion and squeeze-excitation of the blocks, and where and how the
-blocks' spatial convolution is attention-augmented (Bello et al., arXiv:1904.09925: the
-placement, kappa = dk/Fout, upsilon = dv/Fout, heads, relative logits on/off). Everything the
-file does not mention stays as in the base.
+blocks are attention-augmented (Bello et al., arXiv:1904.09925: the placement over blocks, the
+``mode`` naming which conv of a block is augmented (``spatial``, ``expansion``, ``projection``;
+see ``aanas.block_types``), kappa = dk/Fout, upsilon = dv/Fout, heads, relative logits on/off).
+Everything the file does not mention stays as in the base.
 
 The space is engine-agnostic: it lists its parameters as value objects (:class:`Categorical`,
 :class:`IntRange`, each with the :class:`Condition` s under which it exists), samples from a
@@ -52,10 +53,14 @@ PLACEMENTS: tuple[str, ...] = ("none", "last", "all", "each")
 # Preference orders used by largest() / smallest(): most attention first, least first.
 _MOST_AA = ("all", "each", "last", "none")
 _LEAST_AA = ("none", "last", "each", "all")
+# aa.mode for largest() / smallest(): spatial attention has the widest Fout (the expanded
+# tensor), projection the narrowest (the block output); expansion reads the narrow input.
+_MOST_MODE = ("spatial", "expansion", "projection")
+_LEAST_MODE = ("projection", "expansion", "spatial")
 
 _TOP_KEYS = ("name", "description", "base", "input_size", "num_classes", "dropout", "width")
 _STAGE_KEYS = ("depth", "per_block", "kernel", "expansion", "se", "aa")
-_AA_KEYS = ("placement", "kappa", "upsilon", "heads", "relative", "min_key_depth")
+_AA_KEYS = ("placement", "mode", "kappa", "upsilon", "heads", "relative", "min_key_depth")
 _BLOCK_KEYS = ("kernel", "expansion", "se")  # per-block when the stage says per_block: true
 
 # Bounds on what a space file may ask for, checked while loading, before anything is expanded:
@@ -141,11 +146,14 @@ class _AAChoices:
     heads: tuple[int, ...]
     relative: tuple[bool, ...]
     min_key_depth: int
+    mode: tuple[str, ...] = ("spatial",)  # which conv is augmented (aanas.block_types)
 
     def combos(self) -> Iterator[AASpec]:
-        """Every AASpec the ratio choices allow (the 'R' of size())."""
-        for k, u, h, r in itertools.product(self.kappa, self.upsilon, self.heads, self.relative):
-            yield AASpec(k, u, h, r, self.min_key_depth)
+        """Every AASpec the ratio and mode choices allow (the 'R' of size())."""
+        for k, u, h, r, m in itertools.product(
+            self.kappa, self.upsilon, self.heads, self.relative, self.mode
+        ):
+            yield AASpec(k, u, h, r, self.min_key_depth, m)
 
 
 @dataclass(frozen=True)
@@ -272,6 +280,8 @@ class SearchSpace:
                 continue
             if p.name.endswith(".aa.placement"):
                 value = min(p.choices, key=order.index)
+            elif p.name.endswith(".aa.mode"):
+                value = min(p.choices, key=(_MOST_MODE if most else _LEAST_MODE).index)
             else:  # numbers and bools: True > False, so most = on
                 value = max(p.choices) if most else min(p.choices)
             params[p.name] = value
@@ -438,7 +448,7 @@ def _stage_parameters(st: _StageChoices) -> list[Parameter]:
         out += _categorical(f"{p}.aa.placement", aa.placement, ())
         ratio_cond = _placement_condition(st, ("last", "all", "each"))
         if ratio_cond is not None:
-            for key in ("kappa", "upsilon", "heads", "relative"):
+            for key in ("mode", "kappa", "upsilon", "heads", "relative"):
                 out += _categorical(f"{p}.aa.{key}", getattr(aa, key), ratio_cond)
     for j in range(max(st.depth)):
         dcond = _depth_condition(st, j)
@@ -474,6 +484,7 @@ def _stage_layers(st: _StageChoices, values: Mapping[str, Any]) -> list[BlockSpe
             heads=int(_value(values, f"{p}.aa.heads", aa.heads)),
             relative=bool(_value(values, f"{p}.aa.relative", aa.relative)),
             min_key_depth=aa.min_key_depth,
+            mode=str(_value(values, f"{p}.aa.mode", aa.mode)),
         )
     layers = []
     for j in range(depth):
@@ -556,6 +567,7 @@ def _encode_stage(st: _StageChoices, layers: list[BlockSpec]) -> dict[str, Any]:
         out[f"{p}.aa.upsilon"] = ref.upsilon
         out[f"{p}.aa.heads"] = ref.heads
         out[f"{p}.aa.relative"] = ref.relative
+        out[f"{p}.aa.mode"] = ref.mode
     if placement == "each":
         for j, flag in enumerate(on):
             out[f"{p}.block{j}.aa"] = flag
@@ -568,7 +580,11 @@ def _stage_size(st: _StageChoices) -> int:
         choices = getattr(st, key)
         settings *= len(choices) if choices is not None else 1
     aa = st.aa
-    ratios = math.prod(len(c) for c in (aa.kappa, aa.upsilon, aa.heads, aa.relative)) if aa else 0
+    ratios = (
+        math.prod(len(c) for c in (aa.kappa, aa.upsilon, aa.heads, aa.relative, aa.mode))
+        if aa
+        else 0
+    )
     total = 0
     for d in st.depth:
         base = settings**d if st.per_block else settings
@@ -807,7 +823,13 @@ class _Loader:
                 raise self.fail(k, v, "must be true or false")
             return v
 
+        def mode(k: str, v: Any) -> str:
+            if v not in _spec.AA_MODES:
+                raise self.fail(k, v, f"mode must be one of {list(_spec.AA_MODES)}")
+            return str(v)
+
         placements = self.choices(f"{where}.placement", data.get("placement", "all"), placement)
+        modes = self.choices(f"{where}.mode", data.get("mode", "spatial"), mode)
         needs_ratios = any(p != "none" for p in placements)
         values: dict[str, Any] = {}
         for key, check, default in (
@@ -823,7 +845,7 @@ class _Loader:
             else:
                 raise SpaceError(f"{self.source}: {where}.{key}: missing (placement {placements})")
         mkd = self.integer(f"{where}.min_key_depth", data.get("min_key_depth", 0), 0)
-        return _AAChoices(placement=placements, min_key_depth=mkd, **values)
+        return _AAChoices(placement=placements, min_key_depth=mkd, mode=modes, **values)
 
     # -- exhaustive validity check -----------------------------------------------------------
 
@@ -894,7 +916,7 @@ def _variant_probes(space: SearchSpace) -> Iterator[tuple[ArchSpec, str, str]]:
                 if a is not None:
                     key = f"{where}.aa"
                     what += (", " if what else "") + (
-                        f"kappa={a.kappa}, upsilon={a.upsilon}, heads={a.heads}"
+                        f"kappa={a.kappa}, upsilon={a.upsilon}, heads={a.heads}, mode={a.mode}"
                     )
                 if space._widths is not None:
                     what += f", width={width}"

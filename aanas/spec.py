@@ -17,7 +17,8 @@ String grammar (``encode``/``decode``)::
     stem     <conv|resnet|plain>_c<channels>_k<kernel>_s<stride>[_<act>]
     stage    <block>,<block>,...
     block    <ds|ir|basic|bottle|preact>_r<repeats>_k<kernel>_s<stride>_e<expansion>_c<out>
-             [_se<ratio>][_<act>][_noskip][_aa<kappa>-<upsilon>-<heads>[-abs][-d<min dk/head>]]
+             [_se<ratio>][_<act>][_noskip][_aa<kappa>-<upsilon>-<heads>[-abs][-d<min dk/head>]
+             [-exp|-proj]]
     head     c<channels>   (c0: no head convolution)
 
 Example (MnasNet-B1, torchvision's ``mnasnet1_0``)::
@@ -26,19 +27,12 @@ Example (MnasNet-B1, torchvision's ``mnasnet1_0``)::
     ir_r3_k5_s2_e3_c40/ir_r3_k5_s2_e6_c80/ir_r2_k3_s1_e6_c96/ir_r4_k5_s2_e6_c192/
     ir_r1_k3_s1_e6_c320:c1280
 
-Which convolution attention augments (``BlockSpec.aa``):
-
-- ``ir`` (MnasNet inverted bottleneck) and ``ds`` (depthwise-separable): the depthwise k x k
-  stage. It produces ``C_exp - dv`` channels from the first ``C_exp - dv`` expanded channels, and
-  an attention branch reading the whole expanded tensor produces ``dv`` channels; the two are
-  concatenated. The AA paper does not say where its MnasNet blocks are augmented; this is our
-  documented default (see ``aanas.models.mnasnet``).
-- ``bottle`` (ResNet bottleneck): the 3x3 convolution, as in the paper's ResNet experiments.
-- ``basic`` and ``preact`` (ResNet basic / Wide-ResNet blocks): the first 3x3 convolution of the
-  block, as in the paper's CIFAR Wide-ResNet experiment.
-
-kappa = dk / Fout and upsilon = dv / Fout, where Fout is the augmented conv's output channels;
-:func:`aa_channels` turns them into integers divisible by the number of heads.
+Which convolution attention augments (``BlockSpec.aa``) is the AASpec's ``mode``: ``spatial``
+(default, no token: the depthwise / 3x3 conv), ``expansion`` (``-exp``: the 1x1 expansion conv)
+or ``projection`` (``-proj``: the 1x1 projection); which modes each block type allows, and what
+each means, is documented once in ``aanas.block_types``. kappa = dk / Fout and upsilon =
+dv / Fout, where Fout is the augmented conv's output channels; :func:`aa_channels` turns them
+into integers divisible by the number of heads.
 """
 
 from __future__ import annotations
@@ -52,6 +46,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from aanas import block_types as _bt
 from aanas.errors import SpecError
 
 __all__ = [
@@ -61,6 +56,7 @@ __all__ = [
     "MAX_AA_RESOLUTION",
     "SPEC_LIMITS",
     "STEM_TYPES",
+    "AA_MODES",
     "AASpec",
     "ArchSpec",
     "BlockSpec",
@@ -77,15 +73,12 @@ __all__ = [
 ]
 
 FAMILIES: tuple[str, ...] = ("mnasnet", "resnet", "wrn")
-BLOCK_TYPES: tuple[str, ...] = ("ds", "ir", "basic", "bottle", "preact")
+BLOCK_TYPES: tuple[str, ...] = tuple(_bt.BLOCK_TYPES)  # one record each: aanas.block_types
+AA_MODES: tuple[str, ...] = _bt.AA_MODES
 STEM_TYPES: tuple[str, ...] = ("conv", "resnet", "plain")
 ACTIVATIONS: tuple[str, ...] = ("relu", "relu6", "swish", "hswish")
-# Block types each family's builder knows how to stack.
-_FAMILY_BLOCKS: dict[str, tuple[str, ...]] = {
-    "mnasnet": ("ds", "ir"),
-    "resnet": ("basic", "bottle"),
-    "wrn": ("preact",),
-}
+# Families whose models end in the last block (ResNet: pool + fc; WRN: BN-act + pool + fc).
+_NO_HEAD_FAMILIES: tuple[str, ...] = ("resnet", "wrn")
 # Attention over an (H*W) x (H*W) logit matrix grows as (HW)^2: at 64x64 one head of one image
 # already holds 16.8M logits. The paper augments maps of 32x32 (CIFAR) down to 7x7 (ImageNet).
 MAX_AA_RESOLUTION = 64
@@ -140,6 +133,8 @@ class AASpec:
     heads: int  # Nh; dk and dv are rounded to multiples of it
     relative: bool = True  # 2-D relative position logits (the paper's default)
     min_key_depth: int = 0  # lower bound on dk / Nh (the paper's CIFAR WRN uses 20)
+    # Which conv is augmented (aanas.block_types.AA_MODES): the paper leaves it open for MnasNet
+    mode: str = "spatial"
 
 
 @dataclass(frozen=True)
@@ -308,11 +303,6 @@ def aa_channels(
     return dk, dv
 
 
-def _round_half_up(x: float) -> int:
-    """0.5 -> 1, 2.5 -> 3 (Python's round() would give 0 and 2)."""
-    return int(math.floor(x + 0.5))
-
-
 # --- resolution into concrete layers ----------------------------------------------------------
 
 
@@ -336,6 +326,7 @@ class ResolvedBlock:
     dv: int
     heads: int
     relative: bool
+    aa_mode: str = ""  # AASpec.mode of an augmented block ("" when dv == 0)
 
 
 @dataclass(frozen=True)
@@ -348,6 +339,13 @@ class ResolvedArch:
     blocks: tuple[ResolvedBlock, ...]
     head_channels: int
     features: int  # channels entering the classifier
+    # (stage, index within the stage) of every block: its module path ``blocks.<s>.<i>``
+    positions: tuple[tuple[int, int], ...] = ()
+
+    def staged(self) -> Iterator[tuple[int, int, ResolvedBlock]]:
+        """``(stage, index within stage, block)`` in network order (repeats counted)."""
+        for (stage, index), rb in zip(self.positions, self.blocks, strict=True):
+            yield stage, index, rb
 
 
 def _conv_out(size: int, stride: int) -> int:
@@ -372,17 +370,25 @@ def resolve(spec: ArchSpec) -> ResolvedArch:
     in_c = stem_c
     out: list[ResolvedBlock] = []
     _check_resolved_channels("stem.channels", stem_c)
-    for name, block in spec.blocks():
-        _check_block(spec, name, block)
-        out_c = round_channels(block.out_channels * width) if width != 1.0 else block.out_channels
-        for k in range(block.repeats):
-            stride = block.stride if k == 0 else 1
-            out_size = _conv_out(size, stride)
-            resolved = _resolve_one(f"{name}.{k}", block, in_c, out_c, stride, size, out_size)
-            for key in ("mid_channels", "out_channels"):
-                _check_resolved_channels(f"{name}.{key}", getattr(resolved, key))
-            out.append(resolved)
-            in_c, size = out_c, out_size
+    positions: list[tuple[int, int]] = []
+    for i, stage in enumerate(spec.stages):
+        index = 0
+        for j, block in enumerate(stage):
+            name = f"stage{i}.block{j}"
+            _check_block(spec, name, block)
+            out_c = (
+                round_channels(block.out_channels * width) if width != 1.0 else block.out_channels
+            )
+            for k in range(block.repeats):
+                stride = block.stride if k == 0 else 1
+                out_size = _conv_out(size, stride)
+                resolved = _resolve_one(f"{name}.{k}", block, in_c, out_c, stride, size, out_size)
+                for key in ("mid_channels", "out_channels"):
+                    _check_resolved_channels(f"{name}.{key}", getattr(resolved, key))
+                out.append(resolved)
+                positions.append((i, index))
+                index += 1
+                in_c, size = out_c, out_size
     head_c = spec.head_channels
     return ResolvedArch(
         spec=spec,
@@ -391,6 +397,7 @@ def resolve(spec: ArchSpec) -> ResolvedArch:
         blocks=tuple(out),
         head_channels=head_c,
         features=head_c if head_c > 0 else in_c,
+        positions=tuple(positions),
     )
 
 
@@ -398,39 +405,29 @@ def _resolve_one(
     name: str, b: BlockSpec, in_c: int, out_c: int, stride: int, size: int, out_size: int
 ) -> ResolvedBlock:
     where = name.rsplit(".", 1)[0]
-    if b.type == "ir":
-        mid = _round_half_up(in_c * b.expansion)
-        aug_c = mid  # the depthwise stage
-    elif b.type == "ds":
-        mid = in_c
-        aug_c = in_c
-    elif b.type == "bottle":
-        mid = _round_half_up(out_c * b.expansion)
-        aug_c = mid
-    else:  # basic, preact: first 3x3 conv maps in -> out
-        mid = out_c
-        aug_c = out_c
+    btype = _bt.block_type(b.type)
+    mid = btype.mid_channels(in_c, out_c, b.expansion)
     if mid < 1:
         raise SpecError(f"{where}: expansion={b.expansion} gives {mid} channels")
-    # ResNet-style blocks add a projection shortcut when shapes change; MnasNet blocks only
-    # add the identity, where shapes allow it.
-    residual = b.skip and (
-        (stride == 1 and in_c == out_c) or b.type in ("basic", "bottle", "preact")
-    )
+    residual = btype.residual(b.skip, stride, in_c, out_c)
     se_c = max(1, int(in_c * b.se)) if b.se > 0 else 0
     dk = dv = heads = 0
     relative = False
+    mode = ""
     if b.aa is not None:
-        if out_size > MAX_AA_RESOLUTION:
+        site = btype.sites(in_c, mid, out_c, b.kernel, stride, size, out_size)[b.aa.mode]
+        if site.out_size > MAX_AA_RESOLUTION:
             raise SpecError(
-                f"{where}.aa: attention on a {out_size}x{out_size} feature map exceeds the "
-                f"supported maximum {MAX_AA_RESOLUTION}x{MAX_AA_RESOLUTION}"
+                f"{where}.aa: attention on a {site.out_size}x{site.out_size} feature map exceeds "
+                f"the supported maximum {MAX_AA_RESOLUTION}x{MAX_AA_RESOLUTION}"
             )
         try:
-            dk, dv = aa_channels(aug_c, b.aa.kappa, b.aa.upsilon, b.aa.heads, b.aa.min_key_depth)
+            dk, dv = aa_channels(
+                site.out_channels, b.aa.kappa, b.aa.upsilon, b.aa.heads, b.aa.min_key_depth
+            )
         except ValueError as exc:
             raise SpecError(f"{where}.aa: {exc}") from None
-        heads, relative = b.aa.heads, b.aa.relative
+        heads, relative, mode = b.aa.heads, b.aa.relative, b.aa.mode
     return ResolvedBlock(
         name=name,
         type=b.type,
@@ -448,6 +445,7 @@ def _resolve_one(
         dv=dv,
         heads=heads,
         relative=relative,
+        aa_mode=mode,
     )
 
 
@@ -532,14 +530,17 @@ def _check_globals(spec: ArchSpec) -> None:
         raise SpecError(f"stem.act: unknown activation {stem.act!r}; expected {ACTIVATIONS}")
     if not spec.stages or not all(spec.stages):
         raise SpecError("stages: need at least one stage, each with at least one block")
+    if spec.family in _NO_HEAD_FAMILIES and spec.head_channels:
+        raise SpecError(
+            f"head_channels: family {spec.family!r} has no head conv; expected c0, "
+            f"got c{spec.head_channels}"
+        )
 
 
 def _check_block(spec: ArchSpec, name: str, b: BlockSpec) -> None:
-    allowed = _FAMILY_BLOCKS[spec.family]
-    if b.type not in allowed:
+    if b.type not in BLOCK_TYPES:
         raise SpecError(
-            f"{name}.type: block {b.type!r} is not allowed in family {spec.family!r}; "
-            f"expected one of {allowed}"
+            f"{name}.type: unknown block type {b.type!r}; expected one of {BLOCK_TYPES}"
         )
     _check_int(f"{name}.out_channels", b.out_channels, 1)
     _check_int(f"{name}.repeats", b.repeats, 1)
@@ -548,12 +549,8 @@ def _check_block(spec: ArchSpec, name: str, b: BlockSpec) -> None:
         raise SpecError(f"{name}.stride: must be 1 or 2, got {b.stride!r}")
     if not (isinstance(b.expansion, float | int) and b.expansion > 0):
         raise SpecError(f"{name}.expansion: must be > 0, got {b.expansion!r}")
-    if b.type in ("ds", "basic", "preact") and b.expansion != 1:
-        raise SpecError(f"{name}.expansion: {b.type!r} blocks take e1, got {b.expansion!r}")
     if not (isinstance(b.se, float | int) and 0.0 <= b.se < 1.0):
         raise SpecError(f"{name}.se: ratio must be in [0, 1), got {b.se!r}")
-    if b.se > 0 and b.type not in ("ir", "ds"):
-        raise SpecError(f"{name}.se: squeeze-excitation is supported in ir/ds blocks only")
     if b.act not in ACTIVATIONS:
         raise SpecError(f"{name}.act: unknown activation {b.act!r}; expected {ACTIVATIONS}")
     if b.aa is not None:
@@ -564,6 +561,9 @@ def _check_block(spec: ArchSpec, name: str, b: BlockSpec) -> None:
             raise SpecError(f"{name}.aa.upsilon: must be in (0, 1], got {aa.upsilon!r}")
         _check_int(f"{name}.aa.heads", aa.heads, 1)
         _check_int(f"{name}.aa.min_key_depth", aa.min_key_depth, 0)
+        if aa.mode not in AA_MODES:
+            raise SpecError(f"{name}.aa.mode: unknown mode {aa.mode!r}; expected one of {AA_MODES}")
+    _bt.block_type(b.type).check(name, b, spec.family)  # per-type rules: aanas.block_types
 
 
 def _check_int(field_name: str, value: object, low: int) -> None:
@@ -586,12 +586,19 @@ def _fmt(x: float) -> str:
     return repr(float(x))
 
 
+# AA token options naming AASpec.mode; "spatial" (the default) has none.
+_MODE_TOKENS: dict[str, str] = {"expansion": "exp", "projection": "proj"}
+_TOKEN_MODES: dict[str, str] = {v: k for k, v in _MODE_TOKENS.items()}
+
+
 def _encode_aa(aa: AASpec) -> str:
     text = f"aa{_fmt(aa.kappa)}-{_fmt(aa.upsilon)}-{aa.heads}"
     if not aa.relative:
         text += "-abs"
     if aa.min_key_depth:
         text += f"-d{aa.min_key_depth}"
+    if aa.mode != "spatial":
+        text += f"-{_MODE_TOKENS[aa.mode]}"
     return text
 
 
@@ -661,20 +668,22 @@ def _decode_aa(where: str, token: str) -> AASpec:
     kappa = _parse_number(f"{where}.aa.kappa", parts[0], float)
     upsilon = _parse_number(f"{where}.aa.upsilon", parts[1], float)
     heads = _parse_number(f"{where}.aa.heads", parts[2], int)
-    relative, min_key_depth = True, 0
+    relative, min_key_depth, mode = True, 0, "spatial"
     seen: set[str] = set()
     for opt in parts[3:]:
-        key = "abs" if opt == "abs" else opt[:1]
+        key = "abs" if opt == "abs" else "mode" if opt in _TOKEN_MODES else opt[:1]
         if key in seen:
             raise SpecError(f"{where}: duplicate AA option {opt!r} in {token!r}")
         seen.add(key)
         if opt == "abs":
             relative = False
+        elif opt in _TOKEN_MODES:
+            mode = _TOKEN_MODES[opt]
         elif opt.startswith("d") and opt[1:]:
             min_key_depth = _parse_number(f"{where}.aa.min_key_depth", opt[1:], int)
         else:
             raise SpecError(f"{where}: unknown AA option {opt!r} in {token!r}")
-    return AASpec(kappa, upsilon, heads, relative, min_key_depth)
+    return AASpec(kappa, upsilon, heads, relative, min_key_depth, mode)
 
 
 def _decode_block(where: str, text: str) -> BlockSpec:

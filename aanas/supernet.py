@@ -19,7 +19,10 @@ The spec is always passed explicitly (``supernet(x, spec)``); nothing is "activa
 :meth:`SuperNet.extract` returns the static model ``aanas.create_model(spec)`` builds, loaded
 with exactly the sliced tensors the supernet path uses, so both give the same outputs.
 
-Supported block types: ``ir``, ``ds`` (MnasNet), ``bottle``, ``basic`` (ResNet).
+Supported block types: ``ir``, ``ds`` (MnasNet), ``bottle``, ``basic`` (ResNet), ``preact``
+(Wide-ResNet), each with
+every attention mode its record (``aanas.block_types``) allows; the elastic layout of each is
+``_LAYOUTS``, keyed like the records.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -38,6 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aanas._io import atomic_open
+from aanas.block_types import BLOCK_TYPES, block_type
+from aanas.ops.blocks import act_fn
 from aanas.ops.elastic import (
     ChannelIndex,
     ElasticAttention,
@@ -53,13 +58,7 @@ __all__ = ["SuperNet", "recalibrate_bn", "train_supernet"]
 
 logger = logging.getLogger(__name__)
 
-_SUPPORTED = ("ir", "ds", "bottle", "basic")
-_ACTS: dict[str, Callable[[Tensor], Tensor]] = {
-    "relu": F.relu,
-    "relu6": F.relu6,
-    "swish": F.silu,
-    "hswish": F.hardswish,
-}
+# The one functional activation table lives with the static one (aanas.ops.blocks).
 # Supernet BatchNorm momentum: PyTorch's default. The static MnasNet uses torchvision's 3e-4,
 # which would leave the shared running statistics near their initial values for thousands of
 # steps; subnets are BN-recalibrated before evaluation anyway (recalibrate_bn).
@@ -74,25 +73,75 @@ def _prefixed(prefix: str, state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {f"{prefix}{k}": v for k, v in state.items()}
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """The elastic constructor of one block type: the static block's layer names and shape.
+
+    Every supported block is ``[pre BN -> act] -> [expand 1x1 -> BN -> act] -> spatial kxk ->
+    BN -> act -> [SE] -> project [-> BN]`` plus its shortcut; the three convs are the sites of
+    ``aanas.block_types`` (``expansion``, ``spatial``, ``projection``), any one of which may be
+    augmented.
+    """
+
+    expand: tuple[str, str] | None  # (conv, bn) of the 1x1 expansion; None: the block has none
+    spatial: tuple[str, str]
+    project: tuple[str, str | None]  # bn None: the block ends on the conv (pre-activation)
+    depthwise: bool  # the spatial conv is depthwise (MnasNet)
+    project_kernel: bool  # the projection is k x k (ResNet basic: conv2), not 1x1
+    # projection shortcut (conv, bn or None), read from the pre-activated input if ``pre_bn``;
+    # None: identity only, where shapes allow (MnasNet)
+    shortcut: tuple[str, str | None] | None
+    final_act: bool  # activation after the sum (ResNet)
+    pre_bn: str | None = None  # BN-act on the block input (Wide-ResNet)
+
+
+_RESNET_SHORTCUT = ("downsample.0", "downsample.1")
+# The elastic half of each block-type record (keys of aanas.block_types.BLOCK_TYPES).
+_LAYOUTS: dict[str, _Layout] = {
+    "ir": _Layout(
+        ("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3"), True, False, None, False
+    ),
+    "ds": _Layout(None, ("conv_dw", "bn1"), ("conv_pw", "bn2"), True, False, None, False),
+    "bottle": _Layout(
+        ("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"), False, False, _RESNET_SHORTCUT, True
+    ),
+    "basic": _Layout(None, ("conv1", "bn1"), ("conv2", "bn2"), False, True, _RESNET_SHORTCUT, True),
+    "preact": _Layout(
+        None, ("conv1", "bn2"), ("conv2", None), False, True, ("shortcut", None), False, "bn1"
+    ),
+}
+# Block types the supernet cannot share weights for, with the reason shown to the user.
+UNSUPPORTED_BLOCK_TYPES: dict[str, str] = {}
+assert set(_LAYOUTS) | set(UNSUPPORTED_BLOCK_TYPES) == set(BLOCK_TYPES)
+
+
+@dataclass
+class _AttnBounds:
+    """Largest attention one site of one block position needs."""
+
+    heads: int = 0
+    dkh: int = 0
+    dvh: int = 0
+    dv: int = 0
+
+
 @dataclass
 class _Bounds:
     """Largest integers one block position needs over the whole space."""
 
     type: str
     in_size: int
+    out_size: int
     in_max: int = 0
     mid_max: int = 0
     out_max: int = 0
     kernel_max: int = 1
     se_max: int = 0
-    heads_max: int = 0
-    dkh_max: int = 0
-    dvh_max: int = 0
-    dv_max: int = 0
+    attn: dict[str, _AttnBounds] = field(default_factory=dict)  # per AA mode (site)
     projection: bool = False  # ResNet blocks: a downsample conv somewhere in the space
 
     def update(self, rb: ResolvedBlock) -> None:
-        if rb.type != self.type or rb.in_size != self.in_size:
+        if (rb.type, rb.in_size, rb.out_size) != (self.type, self.in_size, self.out_size):
             raise ValueError(
                 f"{rb.name}: block type/size differs between architectures of the space "
                 f"({rb.type}@{rb.in_size} vs {self.type}@{self.in_size}); not supported"
@@ -103,176 +152,245 @@ class _Bounds:
         self.kernel_max = max(self.kernel_max, rb.kernel)
         self.se_max = max(self.se_max, rb.se_channels)
         if rb.dv:
-            self.heads_max = max(self.heads_max, rb.heads)
-            self.dkh_max = max(self.dkh_max, rb.dk // rb.heads)
-            self.dvh_max = max(self.dvh_max, rb.dv // rb.heads)
-            self.dv_max = max(self.dv_max, rb.dv)
-        if rb.type in ("bottle", "basic") and rb.residual:
+            a = self.attn.setdefault(rb.aa_mode, _AttnBounds())
+            a.heads = max(a.heads, rb.heads)
+            a.dkh = max(a.dkh, rb.dk // rb.heads)
+            a.dvh = max(a.dvh, rb.dv // rb.heads)
+            a.dv = max(a.dv, rb.dv)
+        if block_type(rb.type).projection_shortcut and rb.residual:
             self.projection |= rb.stride != 1 or rb.in_channels != rb.out_channels
 
-
-def _stage_positions(resolved: ResolvedArch) -> Iterable[tuple[int, int, ResolvedBlock]]:
-    """``(stage, index within stage, block)`` for every resolved block."""
-    counts: dict[int, int] = {}
-    for rb in resolved.blocks:
-        stage = int(rb.name.split(".", 1)[0].removeprefix("stage"))
-        j = counts.get(stage, 0)
-        counts[stage] = j + 1
-        yield stage, j, rb
+    def dv_max(self, mode: str) -> int:
+        return self.attn[mode].dv if mode in self.attn else 0
 
 
 # --- super blocks -------------------------------------------------------------------------------
 
 
 class _SuperBlock(nn.Module):
-    """One block position: MBConv (ir/ds) or ResNet (bottle/basic) at its largest."""
+    """One block position at its largest, for any type with a :class:`_Layout`.
+
+    Tensors inside the block and their channel banks (``split_index``: conv channels first,
+    attention channels from the bank's conv size on, so they never share weights or BN rows):
+    ``e`` after the expansion (``[conv | attn]`` in expansion mode), ``s`` after the spatial
+    conv (spatial mode; a depthwise conv keeps ``e``'s channels), ``o`` after the projection
+    (projection mode).
+    """
 
     def __init__(self, b: _Bounds) -> None:
         super().__init__()
+        lay = _LAYOUTS[b.type]
         self.block_type = b.type
-        self.conv_bank = b.mid_max if b.type != "basic" else b.out_max  # AA-conv output bank
-        aug_in = b.mid_max if b.type != "basic" else b.in_max
-        split = self.conv_bank + b.dv_max  # conv bank + attention bank
-        self.attn: ElasticAttention | None = None
-        if b.dv_max:
-            self.attn = ElasticAttention(
-                aug_in, b.heads_max, b.dkh_max, b.dvh_max, b.dv_max, b.in_size
-            )
+        self.layout = lay
+        # conv-channel sizes of the banks (the attention rows follow them)
+        self.e_max = b.mid_max if lay.expand else b.in_max
+        self.s_max = b.mid_max
+        self.out_max = b.out_max
+        dv_e = b.dv_max("expansion")
+        e_bank = self.e_max + dv_e
+        s_bank = self.s_max + max(b.dv_max("spatial"), dv_e if lay.depthwise else 0)
+        o_bank = b.out_max + b.dv_max("projection")
+        sizes = {"expansion": b.in_size, "spatial": b.in_size, "projection": b.out_size}
+        reads = {"expansion": b.in_max, "spatial": e_bank, "projection": s_bank}
+        self.attn = nn.ModuleDict(
+            {
+                mode: ElasticAttention(reads[mode], a.heads, a.dkh, a.dvh, a.dv, sizes[mode])
+                for mode, a in b.attn.items()
+            }
+        )
+        self.pre_bn: ElasticBatchNorm2d | None = None
+        if lay.pre_bn:
+            self.pre_bn = ElasticBatchNorm2d(b.in_max, momentum=_BN_MOMENTUM)
         self.expand: ElasticConv2d | None = None
+        self.expand_bn: ElasticBatchNorm2d | None = None
+        if lay.expand:
+            self.expand = ElasticConv2d(b.in_max, b.mid_max, 1)
+            self.expand_bn = ElasticBatchNorm2d(e_bank, momentum=_BN_MOMENTUM)
+        if lay.depthwise:
+            self.spatial = ElasticConv2d(e_bank, e_bank, b.kernel_max, depthwise=True)
+        else:
+            self.spatial = ElasticConv2d(e_bank, b.mid_max, b.kernel_max)
+        self.spatial_bn = ElasticBatchNorm2d(s_bank, momentum=_BN_MOMENTUM)
         self.se_reduce: ElasticConv2d | None = None
         self.se_expand: ElasticConv2d | None = None
+        if b.se_max:
+            self.se_reduce = ElasticConv2d(s_bank, b.se_max, 1, bias=True)
+            self.se_expand = ElasticConv2d(b.se_max, s_bank, 1, bias=True)
+        self.project = ElasticConv2d(s_bank, b.out_max, b.kernel_max if lay.project_kernel else 1)
+        self.project_bn: ElasticBatchNorm2d | None = None
+        if lay.project[1]:
+            self.project_bn = ElasticBatchNorm2d(o_bank, momentum=_BN_MOMENTUM)
         self.down: ElasticConv2d | None = None
         self.down_bn: ElasticBatchNorm2d | None = None
-        if b.type in ("ir", "ds"):
-            if b.type == "ir":
-                self.expand = ElasticConv2d(b.in_max, b.mid_max, 1)
-                self.expand_bn = ElasticBatchNorm2d(b.mid_max, momentum=_BN_MOMENTUM)
-            self.spatial = ElasticConv2d(b.mid_max, b.mid_max, b.kernel_max, depthwise=True)
-            self.spatial_bn = ElasticBatchNorm2d(split, momentum=_BN_MOMENTUM)
-            if b.se_max:
-                self.se_reduce = ElasticConv2d(split, b.se_max, 1, bias=True)
-                self.se_expand = ElasticConv2d(b.se_max, split, 1, bias=True)
-            self.project = ElasticConv2d(split, b.out_max, 1)
-            self.project_bn = ElasticBatchNorm2d(b.out_max, momentum=_BN_MOMENTUM)
-        elif b.type == "bottle":
-            self.expand = ElasticConv2d(b.in_max, b.mid_max, 1)
-            self.expand_bn = ElasticBatchNorm2d(b.mid_max, momentum=_BN_MOMENTUM)
-            self.spatial = ElasticConv2d(b.mid_max, b.mid_max, b.kernel_max)
-            self.spatial_bn = ElasticBatchNorm2d(split, momentum=_BN_MOMENTUM)
-            self.project = ElasticConv2d(split, b.out_max, 1)
-            self.project_bn = ElasticBatchNorm2d(b.out_max, momentum=_BN_MOMENTUM)
-        else:  # basic: conv1 (augmented) -> bn1 -> conv2 -> bn2
-            self.spatial = ElasticConv2d(b.in_max, b.out_max, b.kernel_max)
-            self.spatial_bn = ElasticBatchNorm2d(split, momentum=_BN_MOMENTUM)
-            self.project = ElasticConv2d(split, b.out_max, b.kernel_max)
-            self.project_bn = ElasticBatchNorm2d(b.out_max, momentum=_BN_MOMENTUM)
-        if b.projection:
+        if b.projection and lay.shortcut is not None:
             self.down = ElasticConv2d(b.in_max, b.out_max, 1)
-            self.down_bn = ElasticBatchNorm2d(b.out_max, momentum=_BN_MOMENTUM)
+            if lay.shortcut[1]:
+                self.down_bn = ElasticBatchNorm2d(b.out_max, momentum=_BN_MOMENTUM)
 
-    # The static block's sub-module names, per type: (expand conv, expand bn, spatial conv,
-    # spatial bn, project conv, project bn).
-    _NAMES = {
-        "ir": ("conv_pw", "bn1", "conv_dw", "bn2", "conv_pwl", "bn3"),
-        "ds": (None, None, "conv_dw", "bn1", "conv_pw", "bn2"),
-        "bottle": ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3"),
-        "basic": (None, None, "conv1", "bn1", "conv2", "bn2"),
-    }
+    def _plan(
+        self, rb: ResolvedBlock, device: torch.device
+    ) -> tuple[int, ChannelIndex, ChannelIndex, ChannelIndex]:
+        """(channels of ``e``, bank index of ``e``, of ``s``, of ``o``) for block ``rb``."""
+        mode = rb.aa_mode if rb.dv else ""
+        e_c = rb.mid_channels if self.layout.expand else rb.in_channels
+        s_c, out = rb.mid_channels, rb.out_channels
+        idx_e: ChannelIndex = _first(e_c)
+        if mode == "expansion":
+            idx_e = split_index(e_c - rb.dv, rb.dv, self.e_max, device)
+        idx_s: ChannelIndex = _first(s_c)
+        if mode == "spatial":
+            idx_s = split_index(s_c - rb.dv, rb.dv, self.s_max, device)
+        elif mode == "expansion" and self.layout.depthwise:
+            idx_s = idx_e  # the depthwise conv keeps every channel where it is
+        idx_o: ChannelIndex = _first(out)
+        if mode == "projection":
+            idx_o = split_index(out - rb.dv, rb.dv, self.out_max, device)
+        return e_c, idx_e, idx_s, idx_o
 
-    def _plan(self, rb: ResolvedBlock, device: torch.device) -> tuple[int, int, ChannelIndex]:
-        """(channels entering the augmented conv, its conv channels, its output index)."""
-        aug_out = rb.out_channels if rb.type == "basic" else rb.mid_channels
-        aug_in = rb.in_channels if rb.type in ("basic", "ds") else rb.mid_channels
-        n_conv = aug_out - rb.dv
-        return aug_in, n_conv, split_index(n_conv, rb.dv, self.conv_bank, device)
+    def _site_dv(self, rb: ResolvedBlock, site: str) -> int:
+        return rb.dv if rb.dv and rb.aa_mode == site else 0
+
+    def _conv_rows(
+        self, site: str, rb: ResolvedBlock, inp: ChannelIndex, n_out: int
+    ) -> ChannelIndex:
+        """Weight rows of the conv branch: the first ``n_out - dv``, or, for a plain depthwise
+        conv, the channels it reads (``inp``), which may be a split bank index."""
+        dv = self._site_dv(rb, site)
+        if site == "spatial" and self.layout.depthwise and not dv:
+            return inp
+        return _first(n_out - dv)
+
+    def _site(
+        self,
+        site: str,
+        conv: ElasticConv2d,
+        h: Tensor,
+        inp: ChannelIndex,
+        n_out: int,
+        rb: ResolvedBlock,
+        kernel: int,
+        stride: int,
+    ) -> Tensor:
+        """``[conv part | attention part]`` of the conv at ``site``, as AAConv2d concatenates."""
+        dv = self._site_dv(rb, site)
+        parts = []
+        if n_out - dv > 0:
+            rows = self._conv_rows(site, rb, inp, n_out)
+            x = h[:, : n_out - dv] if conv.depthwise and dv else h  # dw AA: first out - dv
+            parts.append(conv(x, rows, inp, kernel, stride))
+        if dv:
+            attn = self.attn[site]
+            assert isinstance(attn, ElasticAttention)
+            parts.append(attn(h, inp, rb.dk, dv, rb.heads, rb.relative, stride))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _site_state(
+        self,
+        site: str,
+        name: str,
+        conv: ElasticConv2d,
+        inp: ChannelIndex,
+        n_out: int,
+        rb: ResolvedBlock,
+        kernel: int,
+    ) -> dict[str, Tensor]:
+        """The static conv's (or AAConv2d's) state entries under ``name``."""
+        dv = self._site_dv(rb, site)
+        state: dict[str, Tensor] = {}
+        if n_out - dv > 0:
+            key = f"{name}.weight" if dv == 0 else f"{name}.conv_out.weight"
+            state[key] = conv.sliced_weight(self._conv_rows(site, rb, inp, n_out), inp, kernel)
+        if dv:
+            attn = self.attn[site]
+            assert isinstance(attn, ElasticAttention)
+            ref = block_type(rb.type).site(rb, site)
+            attn_state = attn.static_state(inp, rb.dk, dv, rb.heads, rb.relative, ref.in_size)
+            state.update(_prefixed(f"{name}.", attn_state))
+        return state
 
     def static_state(self, rb: ResolvedBlock) -> dict[str, Tensor]:
         """The static block's state_dict (keys as in ``aanas.ops.blocks``)."""
-        n_exp, bn_exp, n_sp, bn_sp, n_proj, bn_proj = self._NAMES[rb.type]
-        aug_in, n_conv, idx = self._plan(rb, self.spatial.weight.device)
-        out = _first(rb.out_channels)
+        lay = self.layout
+        e_c, idx_e, idx_s, idx_o = self._plan(rb, self.spatial.weight.device)
         state: dict[str, Tensor] = {}
-        if self.expand is not None and n_exp is not None and bn_exp is not None:
-            state[f"{n_exp}.weight"] = self.expand.sliced_weight(
-                _first(rb.mid_channels), _first(rb.in_channels), 1
-            )
-            state.update(
-                _prefixed(f"{bn_exp}.", self.expand_bn.sliced_state(_first(rb.mid_channels)))
-            )
-        spatial_in = _first(1 if self.spatial.depthwise else aug_in)
-        conv_key = f"{n_sp}.weight" if rb.dv == 0 else f"{n_sp}.conv_out.weight"
-        if n_conv > 0:
-            state[conv_key] = self.spatial.sliced_weight(_first(n_conv), spatial_in, rb.kernel)
-        if rb.dv:
-            assert self.attn is not None
-            attn = self.attn.static_state(
-                _first(aug_in), rb.dk, rb.dv, rb.heads, rb.relative, rb.in_size
-            )
-            state.update(_prefixed(f"{n_sp}.", attn))
-        state.update(_prefixed(f"{bn_sp}.", self.spatial_bn.sliced_state(idx)))
+        if lay.pre_bn is not None:
+            assert self.pre_bn is not None
+            pre = self.pre_bn.sliced_state(_first(rb.in_channels))
+            state.update(_prefixed(f"{lay.pre_bn}.", pre))
+        if lay.expand is not None:
+            assert self.expand is not None and self.expand_bn is not None
+            conv_name, bn_name = lay.expand
+            x_idx = _first(rb.in_channels)
+            state.update(self._site_state("expansion", conv_name, self.expand, x_idx, e_c, rb, 1))
+            state.update(_prefixed(f"{bn_name}.", self.expand_bn.sliced_state(idx_e)))
+        conv_name, bn_name = lay.spatial
+        s_c = rb.mid_channels
+        state.update(
+            self._site_state("spatial", conv_name, self.spatial, idx_e, s_c, rb, rb.kernel)
+        )
+        state.update(_prefixed(f"{bn_name}.", self.spatial_bn.sliced_state(idx_s)))
         if rb.se_channels:
             assert self.se_reduce is not None and self.se_expand is not None
             se = _first(rb.se_channels)
-            state["se.conv_reduce.weight"] = self.se_reduce.sliced_weight(se, idx, 1)
+            state["se.conv_reduce.weight"] = self.se_reduce.sliced_weight(se, idx_s, 1)
             state["se.conv_reduce.bias"] = self.se_reduce.sliced_bias(se)  # type: ignore[assignment]
-            state["se.conv_expand.weight"] = self.se_expand.sliced_weight(idx, se, 1)
-            state["se.conv_expand.bias"] = self.se_expand.sliced_bias(idx)  # type: ignore[assignment]
-        kernel = rb.kernel if rb.type == "basic" else 1
-        state[f"{n_proj}.weight"] = self.project.sliced_weight(out, idx, kernel)
-        state.update(_prefixed(f"{bn_proj}.", self.project_bn.sliced_state(out)))
-        if rb.residual and (rb.stride != 1 or rb.in_channels != rb.out_channels):
-            if rb.type in ("bottle", "basic"):
-                assert self.down is not None and self.down_bn is not None
-                state["downsample.0.weight"] = self.down.sliced_weight(
-                    out, _first(rb.in_channels), 1
-                )
-                state.update(_prefixed("downsample.1.", self.down_bn.sliced_state(out)))
+            state["se.conv_expand.weight"] = self.se_expand.sliced_weight(idx_s, se, 1)
+            state["se.conv_expand.bias"] = self.se_expand.sliced_bias(idx_s)  # type: ignore[assignment]
+        conv_name, bn_name = lay.project
+        kernel = rb.kernel if lay.project_kernel else 1
+        out = rb.out_channels
+        state.update(
+            self._site_state("projection", conv_name, self.project, idx_s, out, rb, kernel)
+        )
+        if bn_name is not None:
+            assert self.project_bn is not None
+            state.update(_prefixed(f"{bn_name}.", self.project_bn.sliced_state(idx_o)))
+        if lay.shortcut is not None and rb.residual and (rb.stride != 1 or rb.in_channels != out):
+            assert self.down is not None
+            sc_conv, sc_bn = lay.shortcut
+            state[f"{sc_conv}.weight"] = self.down.sliced_weight(
+                _first(out), _first(rb.in_channels), 1
+            )
+            if sc_bn is not None:
+                assert self.down_bn is not None
+                state.update(_prefixed(f"{sc_bn}.", self.down_bn.sliced_state(_first(out))))
         return state
 
     def forward(self, x: Tensor, rb: ResolvedBlock) -> Tensor:
-        act = _ACTS[rb.act]
-        aug_in, n_conv, idx = self._plan(rb, x.device)
-        mid = _first(rb.mid_channels)
-        out = _first(rb.out_channels)
+        lay = self.layout
+        act = act_fn(rb.act)
+        e_c, idx_e, idx_s, idx_o = self._plan(rb, x.device)
+        out = rb.out_channels
         h = x
+        if self.pre_bn is not None:
+            h = act(self.pre_bn(x, _first(rb.in_channels)))  # (B, in, H, W), pre-activated
+        pre = h
         if self.expand is not None:
-            h = act(self.expand_bn(self.expand(x, mid, _first(rb.in_channels), 1), mid))
-        parts = []
-        if n_conv > 0:
-            if self.spatial.depthwise:
-                parts.append(
-                    self.spatial(h[:, :n_conv], _first(n_conv), _first(1), rb.kernel, rb.stride)
-                )
-            else:
-                parts.append(self.spatial(h, _first(n_conv), _first(aug_in), rb.kernel, rb.stride))
-        if rb.dv:
-            assert self.attn is not None
-            parts.append(
-                self.attn(h, _first(aug_in), rb.dk, rb.dv, rb.heads, rb.relative, rb.stride)
-            )
-        h = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B, aug_out, H', W')
-        h = act(self.spatial_bn(h, idx))
+            assert self.expand_bn is not None
+            h = self._site("expansion", self.expand, h, _first(rb.in_channels), e_c, rb, 1, 1)
+            h = act(self.expand_bn(h, idx_e))  # (B, e, H, W)
+        h = self._site("spatial", self.spatial, h, idx_e, rb.mid_channels, rb, rb.kernel, rb.stride)
+        h = act(self.spatial_bn(h, idx_s))  # (B, s, H', W')
         if rb.se_channels:
             assert self.se_reduce is not None and self.se_expand is not None
             se = _first(rb.se_channels)
             s = h.mean((2, 3), keepdim=True)  # (B, C, 1, 1)
-            s = self.se_expand(act(self.se_reduce(s, se, idx, 1)), idx, se, 1)
+            s = self.se_expand(act(self.se_reduce(s, se, idx_s, 1)), idx_s, se, 1)
             h = h * torch.sigmoid(s)
-        kernel = rb.kernel if rb.type == "basic" else 1
-        h = self.project_bn(self.project(h, out, idx, kernel), out)  # (B, out, H', W')
-        if rb.type in ("ir", "ds"):
-            mb: Tensor = h + x if rb.residual else h
-            return mb
+        kernel = rb.kernel if lay.project_kernel else 1
+        h = self._site("projection", self.project, h, idx_s, out, rb, kernel, 1)
+        if self.project_bn is not None:
+            h = self.project_bn(h, idx_o)  # (B, out, H', W')
         if rb.residual:
-            if rb.stride != 1 or rb.in_channels != rb.out_channels:
-                assert self.down is not None and self.down_bn is not None
-                shortcut = self.down_bn(
-                    self.down(x, out, _first(rb.in_channels), 1, rb.stride), out
-                )
-            else:
-                shortcut = x
+            shortcut = x
+            if lay.shortcut is not None and (rb.stride != 1 or rb.in_channels != out):
+                assert self.down is not None
+                src = pre if lay.pre_bn else x  # WRN projects the pre-activated input
+                shortcut = self.down(src, _first(out), _first(rb.in_channels), 1, rb.stride)
+                if self.down_bn is not None:
+                    shortcut = self.down_bn(shortcut, _first(out))
             h = h + shortcut
-        return act(h)
+        return act(h) if lay.final_act else h
 
 
 # --- the supernet -------------------------------------------------------------------------------
@@ -285,17 +403,17 @@ class SuperNet(nn.Module):
         space: the search space; every architecture ``space.decode`` can return is a path.
 
     Raises:
-        ValueError: for a family/block type the supernet does not support (``wrn``/preact).
+        ValueError: for a block type without an elastic layout (``UNSUPPORTED_BLOCK_TYPES``)
+            or a block position whose type or size differs between architectures.
     """
 
-    _version = 1
+    # 2: per-site attention (``attn.<mode>.*``) and split banks for expansion/projection modes
+    _version = 2
 
     def __init__(self, space: SearchSpace) -> None:
         super().__init__()
         self.space = space
         largest = space.largest()
-        if largest.family == "wrn":
-            raise ValueError(f"{space.name}: SuperNet supports mnasnet and resnet spaces only")
         self.family = largest.family
         bounds: dict[tuple[int, int], _Bounds] = {}
         stem_max = head_in = features = 0
@@ -304,10 +422,14 @@ class SuperNet(nn.Module):
             stem_max = max(stem_max, resolved.stem_channels)
             head_in = max(head_in, resolved.blocks[-1].out_channels)
             features = max(features, resolved.features)
-            for stage, j, rb in _stage_positions(resolved):
-                if rb.type not in _SUPPORTED:
-                    raise ValueError(f"{rb.name}: SuperNet does not support {rb.type!r} blocks")
-                bounds.setdefault((stage, j), _Bounds(rb.type, rb.in_size)).update(rb)
+            for stage, j, rb in resolved.staged():
+                if rb.type in UNSUPPORTED_BLOCK_TYPES:
+                    raise ValueError(
+                        f"{rb.name}: SuperNet does not support {rb.type!r} blocks: "
+                        f"{UNSUPPORTED_BLOCK_TYPES[rb.type]}"
+                    )
+                key = (stage, j)
+                bounds.setdefault(key, _Bounds(rb.type, rb.in_size, rb.out_size)).update(rb)
         stem = largest.stem
         self.stem = ElasticConv2d(3, stem_max, stem.kernel)
         self.stem_bn = ElasticBatchNorm2d(stem_max, momentum=_BN_MOMENTUM)
@@ -322,6 +444,10 @@ class SuperNet(nn.Module):
         if largest.head_channels:
             self.head = ElasticConv2d(head_in, largest.head_channels, 1)
             self.head_bn = ElasticBatchNorm2d(largest.head_channels, momentum=_BN_MOMENTUM)
+        # Wide-ResNet: pre-activation blocks end on a conv; a final BN-act normalises the last one
+        self.final_bn: ElasticBatchNorm2d | None = None
+        if largest.family == "wrn":
+            self.final_bn = ElasticBatchNorm2d(features, momentum=_BN_MOMENTUM)
         self.classifier = ElasticLinear(features, largest.num_classes)
 
     def _block(self, stage: int, index: int) -> _SuperBlock:
@@ -342,14 +468,16 @@ class SuperNet(nn.Module):
         c = _first(resolved.stem_channels)
         h = self.stem(x, c, _first(3), stem.kernel, stem.stride)  # (B, C, H/2, W/2)
         if stem.type != "plain":
-            h = _ACTS[stem.act](self.stem_bn(h, c))
+            h = act_fn(stem.act)(self.stem_bn(h, c))
         if stem.type == "resnet":
             h = F.max_pool2d(h, 3, 2, 1)
-        for stage, j, rb in _stage_positions(resolved):
+        for stage, j, rb in resolved.staged():
             h = self._block(stage, j)(h, rb)
+        if self.final_bn is not None:
+            h = act_fn(resolved.blocks[-1].act)(self.final_bn(h, _first(h.shape[1])))
         if self.head is not None:
             hc = _first(resolved.head_channels)
-            h = _ACTS[stem.act](self.head_bn(self.head(h, hc, _first(h.shape[1]), 1), hc))
+            h = act_fn(stem.act)(self.head_bn(self.head(h, hc, _first(h.shape[1]), 1), hc))
         h = h.mean((2, 3))  # (B, C)
         h = F.dropout(h, spec.dropout, self.training)
         logits: Tensor = self.classifier(h)
@@ -364,9 +492,11 @@ class SuperNet(nn.Module):
         state = {"stem.conv.weight": self.stem.sliced_weight(c, _first(3), stem.kernel)}
         if stem.type != "plain":
             state.update(_prefixed("stem.bn.", self.stem_bn.sliced_state(c)))
-        for stage, j, rb in _stage_positions(resolved):
+        for stage, j, rb in resolved.staged():
             block_state = self._block(stage, j).static_state(rb)
             state.update(_prefixed(f"blocks.{stage}.{j}.", block_state))
+        if self.final_bn is not None:
+            state.update(_prefixed("bn.", self.final_bn.sliced_state(_first(resolved.features))))
         if self.head is not None:
             hc = _first(resolved.head_channels)
             last = _first(resolved.blocks[-1].out_channels)

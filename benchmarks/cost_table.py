@@ -6,7 +6,8 @@ numbers: AA paper Tables 2 (ResNets) and 3 (MnasNet-A1: 3.9M params, 312M mult-a
 et al., arXiv:1807.11626); torchvision's model card for ``mnasnet1_0`` (4,383,312 params,
 "0.31 GFLOPS", which torchvision counts as MACs); WRN-28-10 from Zagoruyko & Komodakis
 (arXiv:1605.07146) Table 1. The AA paper gives no numbers we could verify for AA-MnasNet or
-AA-WRN, so those rows show ours only.
+AA-WRN; AA-MnasNet-A1's "about 4.1M" (Table 3, read but not re-checked) is marked "?". The
+AA-MnasNet-A1 placement is calibrated to that budget (``benchmarks/aa_placement_table.py``).
 
 ``--check`` also cross-checks every preset with the thop-based and FlopCounterMode counts
 (at 64x64, or the preset's own size when smaller; plus mnasnet_b1_100 and aa_resnet50 at
@@ -38,7 +39,13 @@ _PAPER: dict[str, tuple[str, float | None, float | None, str]] = {
     "resnet101": ("ResNet-101", 44.5, 15.6, "AA Tab. 2"),
     "aa_resnet101": ("AA-ResNet-101", 45.4, 16.1, "AA Tab. 2"),
     "mnasnet_a1_100": ("MnasNet-A1", 3.9, 2 * 0.312, "AA Tab. 3 / MnasNet"),
-    "aa_mnasnet_a1_100": ("AA-MnasNet-A1", None, None, "-"),
+    "aa_mnasnet_a1_100": ("AA-MnasNet-A1 (projection, last 7)", 4.1, None, "AA Tab. 3 ?"),
+    "mnasnet_a1_050": ("MnasNet-A1 w0.5", None, None, "-"),
+    "aa_mnasnet_a1_050": ("AA-MnasNet-A1 w0.5", None, None, "-"),
+    "mnasnet_a1_075": ("MnasNet-A1 w0.75", None, None, "-"),
+    "aa_mnasnet_a1_075": ("AA-MnasNet-A1 w0.75", None, None, "-"),
+    "mnasnet_a1_140": ("MnasNet-A1 w1.4", None, None, "-"),
+    "aa_mnasnet_a1_140": ("AA-MnasNet-A1 w1.4", None, None, "-"),
     "mnasnet_b1_100": ("torchvision mnasnet1_0", 4.383312, 2 * 0.31, "torchvision"),
     "wrn28_10": ("WRN-28-10 (32x32)", 36.5, None, "WRN Tab. 1"),
     "aa_wrn28_10": ("AA-WRN-28-10 (32x32)", None, None, "-"),

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from aanas import spec as S
 from aanas.models import (
@@ -176,13 +177,36 @@ def _aa_layers(model: nn.Module) -> dict[str, AAConv2d]:
 def test_aa_mnasnet_placement() -> None:
     with torch.device("meta"):
         model = create_model("aa_mnasnet_a1_100")
-    resolved = S.resolve(model.spec)
-    want = {f"blocks.{rb.name.split('.')[0][5:]}" for rb in resolved.blocks if rb.out_size <= 14}
     layers = _aa_layers(model)
-    assert {n.rsplit(".", 2)[0] for n in layers} == want == {f"blocks.{i}" for i in (3, 4, 5, 6)}
-    assert all(n.endswith("conv_dw") and m.depthwise for n, m in layers.items())
-    first = layers["blocks.4.0.conv_dw"]  # c112: expanded 80 * 6 = 480
-    assert (first.dk, first.dv, first.num_heads) == (48, 24, 4)
+    # The last 7 of MnasNet-A1's 16 blocks (stage sizes 1, 2, 3, 4, 2, 3, 1): the last c80 block,
+    # then every block of c112, c160 and c320; attention on the 1x1 projection (conv_pwl).
+    want = {"blocks.3.3"} | {f"blocks.4.{i}" for i in range(2)}
+    want |= {f"blocks.5.{i}" for i in range(3)} | {"blocks.6.0"}
+    assert {n.rsplit(".", 1)[0] for n in layers} == want
+    assert all(n.endswith("conv_pwl") and not m.depthwise for n, m in layers.items())
+    first = layers["blocks.4.0.conv_pwl"]  # reads the 80 * 6 = 480 expanded channels -> 112
+    # kappa 0.1 * 112 / 4 heads = 2.8 -> 3 per head -> dk 12; upsilon 0.05 * 112 / 4 = 1.4 -> dv 4
+    assert (first.in_channels, first.out_channels) == (480, 112)
+    assert (first.dk, first.dv, first.num_heads) == (12, 4, 4)
+    assert layers["blocks.6.0.conv_pwl"].dk == 32  # 0.1 * 320 / 4 = 8 per head
+
+
+@pytest.mark.parametrize("width", ["050", "075", "100", "140"])
+def test_aa_mnasnet_a1_is_light(width: str) -> None:
+    # Counted independently of aanas.cost: parameter tensors and FlopCounterMode at 224 px.
+    def params_macs(name: str) -> tuple[int, int]:
+        with torch.device("meta"):
+            model = create_model(name).eval()
+            x = torch.empty(1, 3, 224, 224)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+        return _num_params(model), counter.get_total_flops() // 2
+
+    aa_params, aa_macs = params_macs(f"aa_mnasnet_a1_{width}")
+    params, macs = params_macs(f"mnasnet_a1_{width}")
+    assert 1.0 < aa_params / params <= 1.06 and 1.0 < aa_macs / macs <= 1.08
+    if width == "100":  # the paper's budget: about 3.9M -> 4.1M (Bello et al., Table 3)
+        assert round(aa_params / 1e6, 2) == 4.07 and round(params / 1e6, 2) == 3.89
 
 
 def test_aa_resnet_placement_and_channels() -> None:

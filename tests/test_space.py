@@ -88,7 +88,8 @@ def test_size_matches_brute_force(tiny: SearchSpace) -> None:
 
 
 def test_sizes_of_shipped_spaces(spaces: dict[str, SearchSpace]) -> None:
-    assert spaces["aa_mnasnet"].size() == 40673903542272
+    # 40,673,903,542,272 before the aa.mode choice (3 modes in each of its 4 AA stages)
+    assert spaces["aa_mnasnet"].size() == 2706689986560000
     assert spaces["aa_resnet"].size() == 580788
 
 
@@ -114,6 +115,61 @@ def test_size_small_handmade_space() -> None:
     assert isinstance(space.parameter("stage0.depth"), IntRange)
     specs = {space.decode(d) for d in _enumerate(space)}
     assert space.size() == len(specs) == 2 * (2 + 4 + 4)
+
+
+def test_aa_mode_parameter_size_and_round_trip() -> None:
+    # aa.mode (which conv attention augments) is one more per-stage choice under the placement:
+    # depth 1..2, placement none/last/each, 2 modes x 2 kappas = 4 attention settings.
+    space = SearchSpace.from_dict(
+        {
+            "base": "mnasnet:i32_n10_w1_d0:conv_c16_k3_s2:ir_r2_k3_s2_e3_c32:c0",
+            "stages": {
+                0: {
+                    "depth": [1, 2],
+                    "aa": {
+                        "placement": ["none", "last", "each"],
+                        "mode": ["expansion", "projection"],
+                        "kappa": [0.25, 0.5],
+                        "upsilon": 0.25,
+                        "heads": 2,
+                    },
+                }
+            },
+        }
+    )
+    mode = space.parameter("stage0.aa.mode")
+    assert isinstance(mode, Categorical) and mode.choices == ("expansion", "projection")
+    assert mode.conditions == (Condition("stage0.aa.placement", ("last", "each")),)
+    dicts = list(_enumerate(space))
+    specs = {space.decode(d) for d in dicts}
+    # depth 1: off, or on x 4 settings; depth 2: off, or 3 on-patterns x 4 settings
+    assert space.size() == len(specs) == (1 + 4) + (1 + 3 * 4)
+    modes = {b.aa.mode for s in specs for st in s.stages for b in st if b.aa is not None}
+    assert modes == {"expansion", "projection"}
+    # largest(): the mode listed first in aanas.space's widest-first order, not str order
+    largest = space.largest().stages[0]
+    assert {b.aa.mode for b in largest if b.aa is not None} == {"expansion"}
+    for spec in specs:
+        assert space.decode(space.encode_params(spec)) == spec
+
+
+def test_aa_mode_errors() -> None:
+    base = "mnasnet:i32_n10_w1_d0:conv_c16_k3_s2:ds_r1_k3_s1_e1_c16:c0"
+    bad_value = {
+        "base": base,
+        "stages": {0: {"aa": {"mode": "dw", "kappa": 0.5, "upsilon": 0.5, "heads": 2}}},
+    }
+    with pytest.raises(ValueError, match=r"stages\.0\.aa\.mode: mode must be one of"):
+        SearchSpace.from_dict(bad_value)
+    # ds blocks have no expansion conv: every combination is resolved at load time
+    no_site = {
+        "base": base,
+        "stages": {
+            0: {"aa": {"mode": ["spatial", "expansion"], "kappa": 0.5, "upsilon": 0.5, "heads": 2}}
+        },
+    }
+    with pytest.raises(ValueError, match="mode=expansion.*aa.mode"):
+        SearchSpace.from_dict(no_site)
 
 
 @pytest.mark.parametrize("name", SHIPPED)

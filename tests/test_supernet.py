@@ -113,7 +113,7 @@ def test_gradients_only_on_selected_slice(tiny: SearchSpace) -> None:
     k = b.spatial.weight.grad  # kernel 3 of 5: the outer ring has zero gradient
     assert k[:, :, 1:4, 1:4].abs().sum() > 0
     assert k[:, :, 0].abs().sum() == 0 and k[:, :, :, 4].abs().sum() == 0
-    attn = blocks[3][0].attn
+    attn = blocks[3][0].attn["spatial"]
     assert attn is not None
     rb = [
         r
@@ -127,7 +127,7 @@ def test_gradients_only_on_selected_slice(tiny: SearchSpace) -> None:
     assert g[:, :, rb.mid_channels :].abs().sum() == 0
     assert attn.key_rel_w.grad[:, dkh:].abs().sum() == 0
     # BN of the attention bank: the channels after dv get no gradient
-    bank = blocks[3][0].conv_bank
+    bank = blocks[3][0].s_max
     bn_grad = blocks[3][0].spatial_bn.weight.grad
     assert bn_grad[bank : bank + rb.dv].abs().sum() > 0
     assert bn_grad[bank + rb.dv :].abs().sum() == 0

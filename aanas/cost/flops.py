@@ -62,6 +62,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from aanas.block_types import aa_conv_cost, block_type, bn_cost, conv_cost
 from aanas.spec import ArchSpec, ResolvedArch, ResolvedBlock, decode, resolve
 
 __all__ = [
@@ -108,66 +109,7 @@ def _cost(parts: dict[str, tuple[int, int]]) -> Cost:
     )
 
 
-# --- per-layer formulas -------------------------------------------------------------------------
-
-
-def _conv(
-    c_in: int, c_out: int, k: int, out_size: int, *, groups: int = 1, bias: bool = False
-) -> tuple[int, int]:
-    """(params, MACs) of a square-kernel conv with a square ``out_size`` output.
-
-    Example: 3x3 conv 32 -> 64 on a 56x56 output: params 32*64*9 = 18432,
-    MACs 56*56 * 64 * 32 * 9 = 57802752.
-    """
-    weights = c_out * (c_in // groups) * k * k
-    return weights + (c_out if bias else 0), weights * out_size * out_size
-
-
-def _bn(channels: int) -> tuple[int, int]:
-    """BatchNorm: weight + bias parameters, no MACs."""
-    return 2 * channels, 0
-
-
-def aa_conv_cost(
-    in_channels: int,
-    out_channels: int,
-    kernel: int,
-    out_size: int,
-    *,
-    dk: int,
-    dv: int,
-    num_heads: int,
-    relative: bool,
-    max_size: int,
-    depthwise: bool = False,
-    bias: bool = False,
-) -> tuple[int, int]:
-    """(params, MACs) of one :class:`~aanas.ops.attention.AAConv2d` (module docstring terms).
-
-    ``out_size`` is the square output side, which is also the side the attention runs on (the
-    stride-2 layer attends over its pooled input). ``max_size`` sizes the relative tables
-    (``2 * max_size - 1`` rows each of ``dk / Nh``). ``bias`` is the conv branch's bias only;
-    ``qkv_conv`` and ``attn_out`` always have one.
-    """
-    conv_c = out_channels - dv
-    params = macs = 0
-    if conv_c > 0:
-        if depthwise:
-            p, m = _conv(conv_c, conv_c, kernel, out_size, groups=conv_c, bias=bias)
-        else:
-            p, m = _conv(in_channels, conv_c, kernel, out_size, bias=bias)
-        params, macs = params + p, macs + m
-    if dv > 0:
-        hw = out_size * out_size
-        p, m = _conv(in_channels, 2 * dk + dv, 1, out_size, bias=True)  # qkv_conv
-        params, macs = params + p, macs + m
-        p, m = _conv(dv, dv, 1, out_size, bias=True)  # attn_out
-        params, macs = params + p, macs + m
-        macs += hw * hw * dk + hw * hw * dv  # q k^T and weights v, summed over heads
-        if relative:
-            macs += hw * (out_size + out_size) * dk  # height + width relative logits
-            params += 2 * (2 * max_size - 1) * (dk // num_heads)  # key_rel_h, key_rel_w
-    return params, macs
+# Per-layer and per-block formulas live in aanas.block_types (L0), so cost filters need no torch.
 
 
 # --- hook-based count (thop) --------------------------------------------------------------------
@@ -319,107 +261,21 @@ def _add(*parts: tuple[int, int]) -> tuple[int, int]:
     return sum(p for p, _ in parts), sum(m for _, m in parts)
 
 
-def _spatial(b: ResolvedBlock, c_in: int, c_out: int, *, depthwise: bool) -> tuple[int, int]:
-    """The block's k x k conv (``aanas.ops.blocks.spatial_conv``): plain or AAConv2d, no bias."""
-    if b.dv == 0:
-        return _conv(c_in, c_out, b.kernel, b.out_size, groups=c_in if depthwise else 1)
-    return aa_conv_cost(
-        c_in,
-        c_out,
-        b.kernel,
-        b.out_size,
-        dk=b.dk,
-        dv=b.dv,
-        num_heads=b.heads,
-        relative=b.relative,
-        max_size=_aa_max_size(b),
-        depthwise=depthwise,
-    )
-
-
-def _se(channels: int, se_channels: int) -> tuple[int, int]:
-    """SqueezeExcite: two biased 1x1 convs on the pooled 1x1 map."""
-    if se_channels == 0:
-        return 0, 0
-    return _add(
-        _conv(channels, se_channels, 1, 1, bias=True),
-        _conv(se_channels, channels, 1, 1, bias=True),
-    )
-
-
 def block_cost(b: ResolvedBlock) -> tuple[int, int]:
-    """(params, MACs) of one resolved block, layer by layer as ``aanas.ops.blocks`` builds it.
+    """(params, MACs) of one resolved block: its record's formula (``aanas.block_types``).
 
     Example: MnasNet-B1 ``stage1.block0.0`` (ir 16 -> 48 -> 24, k3 s2, 112 -> 56): pw
     16*48 * 112^2 + dw 48*9 * 56^2 + pwl 48*24 * 56^2 = 9633792 + 1354752 + 3612672 MACs.
     """
-    cin, mid, cout, s_in, s_out = (
-        b.in_channels,
-        b.mid_channels,
-        b.out_channels,
-        b.in_size,
-        b.out_size,
-    )
-    if b.type == "ir":
-        return _add(
-            _conv(cin, mid, 1, s_in),
-            _bn(mid),
-            _spatial(b, mid, mid, depthwise=True),
-            _bn(mid),
-            _se(mid, b.se_channels),
-            _conv(mid, cout, 1, s_out),
-            _bn(cout),
-        )
-    projection = b.residual and (b.stride != 1 or cin != cout)
-    if b.type == "ds":
-        return _add(
-            _spatial(b, cin, cin, depthwise=True),
-            _bn(cin),
-            _se(cin, b.se_channels),
-            _conv(cin, cout, 1, s_out),
-            _bn(cout),
-        )
-    if b.type == "basic":
-        return _add(
-            _spatial(b, cin, cout, depthwise=False),
-            _bn(cout),
-            _conv(cout, cout, b.kernel, s_out),
-            _bn(cout),
-            _add(_conv(cin, cout, 1, s_out), _bn(cout)) if projection else (0, 0),
-        )
-    if b.type == "bottle":
-        return _add(
-            _conv(cin, mid, 1, s_in),
-            _bn(mid),
-            _spatial(b, mid, mid, depthwise=False),
-            _bn(mid),
-            _conv(mid, cout, 1, s_out),
-            _bn(cout),
-            _add(_conv(cin, cout, 1, s_out), _bn(cout)) if projection else (0, 0),
-        )
-    if b.type == "preact":
-        return _add(
-            _bn(cin),
-            _spatial(b, cin, cout, depthwise=False),
-            _bn(cout),
-            _conv(cout, cout, b.kernel, s_out),
-            _conv(cin, cout, 1, s_out) if projection else (0, 0),
-        )
-    raise ValueError(f"unknown block type {b.type!r}")
-
-
-def _aa_max_size(b: ResolvedBlock) -> int:
-    """The AAConv2d ``max_size`` the builder uses (``aanas.models._builder``): the block input
-    side, so the relative tables have ``2 * in_size - 1`` rows each."""
-    return b.in_size
+    return block_type(b.type).cost(b)
 
 
 def _stem_cost(r: ResolvedArch) -> tuple[int, int]:
     """Stem conv (+ BN unless ``plain``); the ResNet max-pool counts nothing."""
     stem = r.spec.stem
     conv_size = -(-r.spec.input_size // stem.stride)
-    conv = _conv(3, r.stem_channels, stem.kernel, conv_size)
-    return conv if stem.type == "plain" else _add(conv, _bn(r.stem_channels))
+    conv = conv_cost(3, r.stem_channels, stem.kernel, conv_size)
+    return conv if stem.type == "plain" else _add(conv, bn_cost(r.stem_channels))
 
 
 def _head_cost(r: ResolvedArch) -> tuple[int, int]:
@@ -427,10 +283,11 @@ def _head_cost(r: ResolvedArch) -> tuple[int, int]:
     last = r.blocks[-1]
     if r.head_channels > 0:
         return _add(
-            _conv(last.out_channels, r.head_channels, 1, last.out_size), _bn(r.head_channels)
+            conv_cost(last.out_channels, r.head_channels, 1, last.out_size),
+            bn_cost(r.head_channels),
         )
     if r.spec.family == "wrn":
-        return _bn(last.out_channels)
+        return bn_cost(last.out_channels)
     return 0, 0
 
 
@@ -462,14 +319,7 @@ def count_spec(spec: ArchSpec) -> Cost:
 def _block_paths(r: ResolvedArch) -> dict[str, str]:
     """``{"blocks.2.1": "stage2.block0.1", ...}``: module path of every resolved block
     (``aanas.models._builder.build_blocks`` nests ``blocks[stage][index within stage]``)."""
-    paths: dict[str, str] = {}
-    index: dict[int, int] = {}
-    for b in r.blocks:
-        stage = int(b.name.split(".", 1)[0].removeprefix("stage"))
-        j = index.get(stage, 0)
-        index[stage] = j + 1
-        paths[f"blocks.{stage}.{j}"] = b.name
-    return paths
+    return {f"blocks.{stage}.{j}": b.name for stage, j, b in r.staged()}
 
 
 def count_module(model: nn.Module, input_size: int | None = None) -> Cost:

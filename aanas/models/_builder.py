@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
 
 from torch import Tensor, nn
 
+from aanas.block_types import BLOCK_TYPES, block_type
 from aanas.ops.attention import AAConv2d
 from aanas.ops.blocks import (
+    ACTIVATION_LAYERS,
     BasicBlock,
     Bottleneck,
     ConvBnAct,
@@ -25,6 +29,7 @@ from aanas.ops.blocks import (
 from aanas.spec import ACTIVATIONS, ArchSpec, ResolvedArch, ResolvedBlock
 
 __all__ = [
+    "STATIC_BUILDERS",
     "ClassifierModel",
     "act_layer",
     "build_block",
@@ -34,26 +39,20 @@ __all__ = [
 ]
 
 NormFn = Callable[[int], nn.Module]
+StaticBuilder = Callable[[ResolvedBlock, NormFn], nn.Module]
 
-_ACT_LAYERS: dict[str, Callable[[], nn.Module]] = {
-    "relu": functools.partial(nn.ReLU, inplace=True),
-    "relu6": functools.partial(nn.ReLU6, inplace=True),
-    "swish": functools.partial(nn.SiLU, inplace=True),  # swish(x) = x * sigmoid(x) = SiLU
-    "hswish": functools.partial(nn.Hardswish, inplace=True),
-}
-assert set(_ACT_LAYERS) == set(ACTIVATIONS)
+assert set(ACTIVATION_LAYERS) == set(ACTIVATIONS)
 
 
 def act_layer(name: str) -> Callable[[], nn.Module]:
-    """Activation factory for a spec activation name (``"relu"``, ``"swish"``, ...).
+    """Activation factory for a spec activation name (``"relu"``, ``"swish"``, ...), in place.
 
     Raises:
         ValueError: for an unknown name.
     """
-    try:
-        return _ACT_LAYERS[name]
-    except KeyError:
-        raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}") from None
+    if name not in ACTIVATION_LAYERS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
+    return functools.partial(ACTIVATION_LAYERS[name][0], inplace=True)
 
 
 def build_stem(resolved: ResolvedArch, *, norm_layer: NormFn = nn.BatchNorm2d) -> ConvBnAct:
@@ -77,52 +76,93 @@ def build_stem(resolved: ResolvedArch, *, norm_layer: NormFn = nn.BatchNorm2d) -
     return module
 
 
-def _aa_max_size(rb: ResolvedBlock) -> tuple[int, int]:
-    """Largest input the block's AAConv2d must accept, from the spec's ``input_size``.
+def _aa_kwargs(rb: ResolvedBlock, norm_layer: NormFn) -> dict[str, Any]:
+    """The keyword arguments every block constructor shares, from the block's record.
 
-    ``AAConv2d.forward`` checks its *input* against ``max_size``; with stride 2 the attention
-    itself runs on the pooled ``out_size`` map, so the tables of a strided layer carry
-    ``2 * (in_size - out_size)`` rows per axis that a ``input_size`` forward never reads.
+    ``max_size`` is the input side of the augmented conv (``ConvSite.in_size``), the largest
+    input ``AAConv2d.forward`` accepts; with stride 2 the attention runs on the pooled
+    ``out_size`` map, so the tables of a strided layer carry ``2 * (in_size - out_size)`` rows
+    per axis that an ``input_size`` forward never reads.
     """
-    return (rb.in_size, rb.in_size)
-
-
-def build_block(rb: ResolvedBlock, norm_layer: NormFn) -> nn.Module:
-    """One ResolvedBlock -> its module (see ``aanas.ops.blocks``)."""
-    act = act_layer(rb.act)
-    aa = {
+    kwargs: dict[str, Any] = {
         "dk": rb.dk,
         "dv": rb.dv,
         "num_heads": max(rb.heads, 1),
         "relative": rb.relative,
-        "max_size": _aa_max_size(rb),
         "norm_layer": norm_layer,
-        "act_layer": act,
+        "act_layer": act_layer(rb.act),
         "residual": rb.residual,
     }
-    if rb.type == "ir":
-        return InvertedResidual(
-            rb.in_channels,
-            rb.out_channels,
-            rb.mid_channels,
-            rb.kernel,
-            rb.stride,
-            se_channels=rb.se_channels,
-            **aa,
-        )
-    if rb.type == "ds":
-        return DepthwiseSeparable(
-            rb.in_channels, rb.out_channels, rb.kernel, rb.stride, se_channels=rb.se_channels, **aa
-        )
-    if rb.type == "basic":
-        return BasicBlock(rb.in_channels, rb.out_channels, rb.stride, rb.kernel, **aa)
-    if rb.type == "bottle":
-        return Bottleneck(
-            rb.in_channels, rb.out_channels, rb.mid_channels, rb.stride, rb.kernel, **aa
-        )
-    if rb.type == "preact":
-        return PreActBasicBlock(rb.in_channels, rb.out_channels, rb.stride, rb.kernel, **aa)
-    raise ValueError(f"{rb.name}: unknown block type {rb.type!r}")
+    if rb.dv:
+        site = block_type(rb.type).site(rb, rb.aa_mode)
+        kwargs["max_size"] = (site.in_size, site.in_size)
+        kwargs["attention_at"] = rb.aa_mode
+    return kwargs
+
+
+def _build_ir(rb: ResolvedBlock, norm_layer: NormFn) -> nn.Module:
+    return InvertedResidual(
+        rb.in_channels,
+        rb.out_channels,
+        rb.mid_channels,
+        rb.kernel,
+        rb.stride,
+        se_channels=rb.se_channels,
+        **_aa_kwargs(rb, norm_layer),
+    )
+
+
+def _build_ds(rb: ResolvedBlock, norm_layer: NormFn) -> nn.Module:
+    return DepthwiseSeparable(
+        rb.in_channels,
+        rb.out_channels,
+        rb.kernel,
+        rb.stride,
+        se_channels=rb.se_channels,
+        **_aa_kwargs(rb, norm_layer),
+    )
+
+
+def _build_bottle(rb: ResolvedBlock, norm_layer: NormFn) -> nn.Module:
+    return Bottleneck(
+        rb.in_channels,
+        rb.out_channels,
+        rb.mid_channels,
+        rb.stride,
+        rb.kernel,
+        **_aa_kwargs(rb, norm_layer),
+    )
+
+
+def _build_basic(rb: ResolvedBlock, norm_layer: NormFn) -> nn.Module:
+    return BasicBlock(
+        rb.in_channels, rb.out_channels, rb.stride, rb.kernel, **_aa_kwargs(rb, norm_layer)
+    )
+
+
+def _build_preact(rb: ResolvedBlock, norm_layer: NormFn) -> nn.Module:
+    return PreActBasicBlock(
+        rb.in_channels, rb.out_channels, rb.stride, rb.kernel, **_aa_kwargs(rb, norm_layer)
+    )
+
+
+# The static constructor of every block type, keyed like aanas.block_types.BLOCK_TYPES (the
+# torch half of each record; tests/test_block_types.py sweeps both).
+STATIC_BUILDERS: Mapping[str, StaticBuilder] = MappingProxyType(
+    {
+        "ds": _build_ds,
+        "ir": _build_ir,
+        "basic": _build_basic,
+        "bottle": _build_bottle,
+        "preact": _build_preact,
+    }
+)
+assert set(STATIC_BUILDERS) == set(BLOCK_TYPES)
+
+
+def build_block(rb: ResolvedBlock, norm_layer: NormFn) -> nn.Module:
+    """One ResolvedBlock -> its module (see ``aanas.ops.blocks``)."""
+    return STATIC_BUILDERS[rb.type](rb, norm_layer)
 
 
 def build_blocks(resolved: ResolvedArch, *, norm_layer: NormFn = nn.BatchNorm2d) -> nn.Sequential:
@@ -138,8 +178,7 @@ def build_blocks(resolved: ResolvedArch, *, norm_layer: NormFn = nn.BatchNorm2d)
         ``nn.Sequential`` of per-stage ``nn.Sequential``.
     """
     stages: list[list[nn.Module]] = [[] for _ in resolved.spec.stages]
-    for rb in resolved.blocks:
-        stage = int(rb.name.split(".", 1)[0].removeprefix("stage"))  # "stage2.block0.1" -> 2
+    for stage, _, rb in resolved.staged():
         stages[stage].append(build_block(rb, norm_layer))
     return nn.Sequential(*(nn.Sequential(*blocks) for blocks in stages))
 

@@ -1,14 +1,17 @@
 """Convolutional building blocks of the MnasNet, ResNet and Wide-ResNet families.
 
 Every block takes plain integers and layer types (``norm_layer``, ``act_layer``), never a spec:
-``aanas.models._builder`` is the one place that turns an ``ArchSpec`` into these modules. Each
-block's spatial convolution can be attention-augmented (Bello et al., *Attention Augmented
+``aanas.models._builder`` is the one place that turns an ``ArchSpec`` into these modules. One
+convolution of a block can be attention-augmented (Bello et al., *Attention Augmented
 Convolutional Networks*, ICCV 2019, arXiv:1904.09925) by passing ``dv > 0``; it then becomes an
-:class:`~aanas.ops.attention.AAConv2d`:
+:class:`~aanas.ops.attention.AAConv2d`. ``attention_at`` picks which (the modes of
+``aanas.block_types``, where each is documented):
 
-- :class:`InvertedResidual` / :class:`DepthwiseSeparable` (MnasNet, arXiv:1807.11626): the
-  depthwise k x k stage (``AAConv2d(depthwise=True)``).
-- :class:`Bottleneck` (ResNet v1.5, torchvision layout): the 3x3 convolution.
+- :class:`InvertedResidual` (MnasNet, arXiv:1807.11626): ``"spatial"`` the depthwise k x k
+  stage (``AAConv2d(depthwise=True)``), ``"expansion"`` ``conv_pw``, ``"projection"``
+  ``conv_pwl``. :class:`DepthwiseSeparable`: ``"spatial"`` or ``"projection"`` (``conv_pw``).
+- :class:`Bottleneck` (ResNet v1.5, torchvision layout): ``"spatial"`` the 3x3 convolution,
+  ``"expansion"`` ``conv1``, ``"projection"`` ``conv3``.
 - :class:`BasicBlock` and :class:`PreActBasicBlock` (Wide-ResNet, arXiv:1605.07146): the first
   3x3 convolution.
 
@@ -21,12 +24,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import Any
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aanas.ops.attention import AAConv2d
 
 __all__ = [
+    "ACTIVATION_LAYERS",
     "BasicBlock",
     "Bottleneck",
     "ConvBnAct",
@@ -34,11 +40,39 @@ __all__ = [
     "InvertedResidual",
     "PreActBasicBlock",
     "SqueezeExcite",
+    "act_fn",
     "spatial_conv",
 ]
 
 LayerFn = Callable[[int], nn.Module]  # norm layer: channels -> module
 ActFn = Callable[[], nn.Module]  # activation: () -> module
+
+# The one activation table: spec name -> (module class, the same function). Static blocks use the
+# modules (inplace where a BN output is overwritten), the supernet the functions.
+ACTIVATION_LAYERS: dict[str, tuple[type[nn.Module], Callable[[Tensor], Tensor]]] = {
+    "relu": (nn.ReLU, F.relu),
+    "relu6": (nn.ReLU6, F.relu6),
+    "swish": (nn.SiLU, F.silu),  # swish(x) = x * sigmoid(x) = SiLU
+    "hswish": (nn.Hardswish, F.hardswish),
+}
+_ATTENTION_SITES = ("spatial", "expansion", "projection")
+
+
+def act_fn(name: str) -> Callable[[Tensor], Tensor]:
+    """The functional form of activation ``name`` (``"swish"`` -> ``F.silu``).
+
+    Raises:
+        ValueError: for an unknown name.
+    """
+    if name not in ACTIVATION_LAYERS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {tuple(ACTIVATION_LAYERS)}")
+    return ACTIVATION_LAYERS[name][1]
+
+
+def _check_site(attention_at: str, allowed: tuple[str, ...]) -> None:
+    """``attention_at`` must name one of the block's convolutions."""
+    if attention_at not in allowed:
+        raise ValueError(f"attention_at must be one of {allowed}, got {attention_at!r}")
 
 
 def spatial_conv(
@@ -54,7 +88,7 @@ def spatial_conv(
     relative: bool = True,
     max_size: int | Sequence[int] = (32, 32),
 ) -> nn.Module:
-    """The k x k convolution of a block: a plain ``nn.Conv2d`` or, with ``dv > 0``, an AAConv2d.
+    """One convolution of a block: a plain ``nn.Conv2d`` or, with ``dv > 0``, an AAConv2d.
 
     Without attention a plain conv is built (not ``AAConv2d(dv=0)``), so the state_dict of an
     un-augmented block has torchvision's flat keys (``conv_dw.weight``, not
@@ -194,6 +228,27 @@ class SqueezeExcite(nn.Module):
         return x * self.gate(s)
 
 
+def _attention_kwargs(
+    attention_at: str,
+    allowed: tuple[str, ...],
+    dk: int,
+    dv: int,
+    num_heads: int,
+    relative: bool,
+    max_size: int | Sequence[int],
+) -> Callable[[str], dict[str, Any]]:
+    """``site(name)`` -> the AAConv2d arguments if ``name`` is the augmented conv, else ``{}``."""
+    _check_site(attention_at, allowed)
+    aa: dict[str, Any] = {
+        "dk": dk,
+        "dv": dv,
+        "num_heads": num_heads,
+        "relative": relative,
+        "max_size": max_size,
+    }
+    return lambda name: aa if name == attention_at else {}
+
+
 def _se(channels: int, se_channels: int, act_layer: ActFn) -> nn.Module:
     """An SE gate, or Identity when ``se_channels == 0``."""
     if se_channels == 0:
@@ -224,6 +279,7 @@ class InvertedResidual(nn.Module):
         num_heads: int = 1,
         relative: bool = True,
         max_size: int | Sequence[int] = (32, 32),
+        attention_at: str = "spatial",
         norm_layer: LayerFn = nn.BatchNorm2d,
         act_layer: ActFn = nn.ReLU,
     ) -> None:
@@ -237,11 +293,13 @@ class InvertedResidual(nn.Module):
             stride: depthwise stride.
             se_channels: SE squeeze width; 0 = no SE.
             residual: add the identity (needs ``stride == 1`` and ``in == out``).
-            dk: attention key depth on the depthwise stage; 0 without attention.
-            dv: attention output channels out of ``mid_channels``; 0 = plain depthwise conv.
+            dk: attention key depth; 0 without attention.
+            dv: attention output channels of the augmented conv; 0 = no attention.
             num_heads: attention heads.
             relative: relative position logits.
-            max_size: largest depthwise-stage input the attention accepts.
+            max_size: largest input of the augmented conv the attention accepts.
+            attention_at: ``"spatial"`` (conv_dw), ``"expansion"`` (conv_pw) or
+                ``"projection"`` (conv_pwl).
             norm_layer: normalisation factory.
             act_layer: activation factory.
 
@@ -255,7 +313,10 @@ class InvertedResidual(nn.Module):
                 f"{in_channels} -> {out_channels}"
             )
         self.residual = residual
-        self.conv_pw = nn.Conv2d(in_channels, mid_channels, 1, bias=False)
+        site = _attention_kwargs(
+            attention_at, _ATTENTION_SITES, dk, dv, num_heads, relative, max_size
+        )
+        self.conv_pw = spatial_conv(in_channels, mid_channels, 1, **site("expansion"))
         self.bn1 = norm_layer(mid_channels)
         self.act1 = act_layer()
         self.conv_dw = spatial_conv(
@@ -264,16 +325,12 @@ class InvertedResidual(nn.Module):
             kernel_size,
             stride,
             depthwise=True,
-            dk=dk,
-            dv=dv,
-            num_heads=num_heads,
-            relative=relative,
-            max_size=max_size,
+            **site("spatial"),
         )
         self.bn2 = norm_layer(mid_channels)
         self.act2 = act_layer()
         self.se = _se(mid_channels, se_channels, act_layer)
-        self.conv_pwl = nn.Conv2d(mid_channels, out_channels, 1, bias=False)
+        self.conv_pwl = spatial_conv(mid_channels, out_channels, 1, **site("projection"))
         self.bn3 = norm_layer(out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -304,10 +361,12 @@ class DepthwiseSeparable(nn.Module):
         num_heads: int = 1,
         relative: bool = True,
         max_size: int | Sequence[int] = (32, 32),
+        attention_at: str = "spatial",
         norm_layer: LayerFn = nn.BatchNorm2d,
         act_layer: ActFn = nn.ReLU,
     ) -> None:
-        """Builds the block; arguments as :class:`InvertedResidual` (no expansion).
+        """Builds the block; arguments as :class:`InvertedResidual` (no expansion, so
+        ``attention_at`` is ``"spatial"`` (conv_dw) or ``"projection"`` (conv_pw)).
 
         Raises:
             ValueError: if ``residual`` is requested where shapes differ.
@@ -319,22 +378,21 @@ class DepthwiseSeparable(nn.Module):
                 f"{in_channels} -> {out_channels}"
             )
         self.residual = residual
+        site = _attention_kwargs(
+            attention_at, ("spatial", "projection"), dk, dv, num_heads, relative, max_size
+        )
         self.conv_dw = spatial_conv(
             in_channels,
             in_channels,
             kernel_size,
             stride,
             depthwise=True,
-            dk=dk,
-            dv=dv,
-            num_heads=num_heads,
-            relative=relative,
-            max_size=max_size,
+            **site("spatial"),
         )
         self.bn1 = norm_layer(in_channels)
         self.act1 = act_layer()
         self.se = _se(in_channels, se_channels, act_layer)
-        self.conv_pw = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.conv_pw = spatial_conv(in_channels, out_channels, 1, **site("projection"))
         self.bn2 = norm_layer(out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -374,6 +432,7 @@ class BasicBlock(nn.Module):
         num_heads: int = 1,
         relative: bool = True,
         max_size: int | Sequence[int] = (32, 32),
+        attention_at: str = "spatial",
         norm_layer: LayerFn = nn.BatchNorm2d,
         act_layer: ActFn = nn.ReLU,
     ) -> None:
@@ -390,10 +449,12 @@ class BasicBlock(nn.Module):
             num_heads: attention heads.
             relative: relative position logits.
             max_size: largest input the attention accepts.
+            attention_at: ``"spatial"`` (conv1), the only site of this block.
             norm_layer: normalisation factory.
             act_layer: activation factory.
         """
         super().__init__()
+        _check_site(attention_at, ("spatial",))
         self.residual = residual
         self.conv1 = spatial_conv(
             in_channels,
@@ -445,16 +506,21 @@ class Bottleneck(nn.Module):
         num_heads: int = 1,
         relative: bool = True,
         max_size: int | Sequence[int] = (32, 32),
+        attention_at: str = "spatial",
         norm_layer: LayerFn = nn.BatchNorm2d,
         act_layer: ActFn = nn.ReLU,
     ) -> None:
         """Builds the block; ``mid_channels`` is the bottleneck width (``out / 4`` in ResNet).
 
-        Other arguments as :class:`BasicBlock`; attention augments ``conv2``.
+        Other arguments as :class:`BasicBlock`; attention augments ``conv2`` (``attention_at``
+        ``"spatial"``), ``conv1`` (``"expansion"``) or ``conv3`` (``"projection"``).
         """
         super().__init__()
         self.residual = residual
-        self.conv1 = nn.Conv2d(in_channels, mid_channels, 1, bias=False)
+        site = _attention_kwargs(
+            attention_at, _ATTENTION_SITES, dk, dv, num_heads, relative, max_size
+        )
+        self.conv1 = spatial_conv(in_channels, mid_channels, 1, **site("expansion"))
         self.bn1 = norm_layer(mid_channels)
         self.act1 = act_layer()
         self.conv2 = spatial_conv(
@@ -462,15 +528,11 @@ class Bottleneck(nn.Module):
             mid_channels,
             kernel_size,
             stride,
-            dk=dk,
-            dv=dv,
-            num_heads=num_heads,
-            relative=relative,
-            max_size=max_size,
+            **site("spatial"),
         )
         self.bn2 = norm_layer(mid_channels)
         self.act2 = act_layer()
-        self.conv3 = nn.Conv2d(mid_channels, out_channels, 1, bias=False)
+        self.conv3 = spatial_conv(mid_channels, out_channels, 1, **site("projection"))
         self.bn3 = norm_layer(out_channels)
         self.act3 = act_layer()
         self.downsample: nn.Module | None = None
@@ -508,11 +570,13 @@ class PreActBasicBlock(nn.Module):
         num_heads: int = 1,
         relative: bool = True,
         max_size: int | Sequence[int] = (32, 32),
+        attention_at: str = "spatial",
         norm_layer: LayerFn = nn.BatchNorm2d,
         act_layer: ActFn = nn.ReLU,
     ) -> None:
         """Builds the block; arguments as :class:`BasicBlock` (attention augments ``conv1``)."""
         super().__init__()
+        _check_site(attention_at, ("spatial",))
         self.residual = residual
         self.bn1 = norm_layer(in_channels)
         self.act1 = act_layer()
