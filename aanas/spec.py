@@ -116,6 +116,8 @@ SPEC_LIMITS: Mapping[str, tuple[float, str]] = MappingProxyType(
         "aa.min_key_depth": (1024, "key depth per head; the AA paper's CIFAR WRN uses 20"),
         # every channel count after width scaling and expansion (stem, in, mid, out, head)
         "resolved_channels": (16384, "a 16384x16384 1x1 conv alone holds 268M weights"),
+        # the whole network: fields inside their limits can still multiply past any memory
+        "total_params": (2_000_000_000, "8 GB of float32 weights; BiT-L ResNet-152x4 has 0.93G"),
     }
 )
 _RANGE_FIELDS = frozenset({"dropout", "stem.stride", "stride", "se", "aa.kappa", "aa.upsilon"})
@@ -390,6 +392,7 @@ def resolve(spec: ArchSpec) -> ResolvedArch:
                 index += 1
                 in_c, size = out_c, out_size
     head_c = spec.head_channels
+    _check_total_params(spec, out, in_c)
     return ResolvedArch(
         spec=spec,
         stem_channels=stem_c,
@@ -494,6 +497,23 @@ def _check_limits(spec: ArchSpec) -> None:
             repeats = getattr(b, "repeats", None)
             total += repeats if isinstance(repeats, int) and repeats > 0 else 0
     _check_limit("stages", "total_blocks", total)
+
+
+def _check_total_params(spec: ArchSpec, blocks: list[ResolvedBlock], last_c: int) -> None:
+    """Weights of the whole network against SPEC_LIMITS["total_params"], before any is allocated.
+
+    Each field can be inside its own limit while their product is not (64 repeats of a 16384-
+    channel block hold 17G weights), so the sum is checked too: blocks by their record's formula,
+    head conv and classifier by their weight matrices (biases and BN are negligible here).
+    """
+    head_c = spec.head_channels
+    params = sum(_bt.block_type(rb.type).cost(rb)[0] for rb in blocks)
+    params += last_c * head_c + (head_c or last_c) * spec.num_classes
+    limit, why = SPEC_LIMITS["total_params"]
+    if params > limit:
+        raise SpecError(
+            f"spec: {params / 1e9:.1f}G parameters; must be <= {limit / 1e9:.0f}G ({why})"
+        )
 
 
 def _check_bool(where: str, value: object) -> None:

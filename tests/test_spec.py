@@ -384,16 +384,26 @@ def test_limits_reject_before_expanding(text: str, field: str) -> None:
 
 
 def test_limits_are_inclusive_and_reachable() -> None:
-    # Exactly at the limits is valid: the limits reject only what lies beyond them.
-    text = (
-        "mnasnet:i32_n100000_w1_d0:conv_c16384_k31_s2:"
-        "ir_r64_k31_s1_e1_c16384_aa1-1-128-d1024:c16384"
-    )
-    spec = S.decode(text)
+    # Exactly at the limits is valid: the limits reject only what lies beyond them. Two specs,
+    # since all fields at their limits at once exceed the whole-network parameter limit.
+    spec = S.decode("mnasnet:i32_n100000_w1_d0:conv_c16384_k31_s2:ir_r64_k31_s1_e1_c128:c16384")
     assert spec.stages[0][0].repeats == 64
     assert len(S.resolve(spec).blocks) == 64
+    wide = S.decode("mnasnet:i32_n10_w1_d0:conv_c128_k3_s2:ir_r1_k3_s1_e1_c16384_aa1-1-128-d1024:c0")
+    assert S.resolve(wide).blocks[0].out_channels == 16384
     with pytest.raises(SpecError, match="depth multiplier"):
         spec.scale(depth=float("inf"))
+
+
+def test_total_parameters_are_bounded_before_anything_is_built() -> None:
+    # Every field is within its own limit, yet 64 repeats of a 16384-channel inverted residual
+    # hold 64 * (2 * 16384^2 + 9 * 16384) = 34.4G weights: counted by hand, not by the code.
+    text = "mnasnet:i32_n10_w1_d0:conv_c16_k3_s2:ir_r64_k3_s1_e1_c16384:c16384"
+    with pytest.raises(SpecError, match=r"^spec: 3[0-9]\.[0-9]G parameters; must be <= 2G"):
+        S.decode(text)
+    # ResNet-152 at width 4 (the scale of BiT-L's ResNet-152x4, 0.93G weights) stays valid
+    wide = "resnet:i224_n1000_w4_d0:resnet_c64_k7_s2:bottle_r3_k3_s1_e0.25_c256/bottle_r8_k3_s2_e0.25_c512/bottle_r36_k3_s2_e0.25_c1024/bottle_r3_k3_s2_e0.25_c2048:c0"  # noqa: E501
+    assert len(S.resolve(S.decode(wide)).blocks) == 50
 
 
 def test_from_dict_applies_the_same_limits() -> None:
