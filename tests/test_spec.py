@@ -389,7 +389,9 @@ def test_limits_are_inclusive_and_reachable() -> None:
     spec = S.decode("mnasnet:i32_n100000_w1_d0:conv_c16384_k31_s2:ir_r64_k31_s1_e1_c128:c16384")
     assert spec.stages[0][0].repeats == 64
     assert len(S.resolve(spec).blocks) == 64
-    wide = S.decode("mnasnet:i32_n10_w1_d0:conv_c128_k3_s2:ir_r1_k3_s1_e1_c16384_aa1-1-128-d1024:c0")
+    wide = S.decode(
+        "mnasnet:i32_n10_w1_d0:conv_c128_k3_s2:ir_r1_k3_s1_e1_c16384_aa1-1-128-d1024:c0"
+    )
     assert S.resolve(wide).blocks[0].out_channels == 16384
     with pytest.raises(SpecError, match="depth multiplier"):
         spec.scale(depth=float("inf"))
