@@ -65,6 +65,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from aanas.train import fit, seed_everything, setup_distributed, teardown_distributed
 
     ctx = setup_distributed(args.device)
+    finished = False
     try:
         seed_everything(recipe.seed)
         data = build_data(
@@ -92,8 +93,10 @@ def _run_train(args: argparse.Namespace) -> int:
             resume=args.resume,
             progress=not args.no_progress,
         )
+        finished = True
     finally:
-        teardown_distributed()
+        # Ranks meet at a barrier only after a clean run: after an error a peer may be gone.
+        teardown_distributed(barrier=finished)
     if ctx.is_main:
         print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -36,6 +37,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+# Imported before any process group exists, on purpose: its functions take `group=group.WORLD`
+# as a default argument, evaluated at import time. DistributedDataParallel imports it lazily
+# (via torch.distributed._shard) while a group is alive, and those ten defaults then keep the
+# default ProcessGroupGloo/NCCL, its TCPStore and their C++ threads alive past
+# destroy_process_group(), to be torn down at interpreter exit racing the exit path ("terminate
+# called without an active exception", SIGABRT, rank 0 which hosts the store). Bound now, the
+# defaults are None. See teardown_distributed() and the DDP test, which checks the threads.
+import torch.distributed.nn.functional  # noqa: F401
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -119,10 +129,26 @@ def setup_distributed(device: str = "cpu") -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, str(dev))
 
 
-def teardown_distributed() -> None:
-    """Destroy the process group if :func:`setup_distributed` created one."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def teardown_distributed(*, barrier: bool = True) -> None:
+    """Leave the process group cleanly (a no-op without one).
+
+    1. ``barrier``: every rank waits here until all ranks arrive, so no rank closes its sockets
+       (or, on rank 0, the TCPStore every rank talks to) while a peer is still inside a
+       collective. Pass False on an error path: a peer that died would make it wait forever.
+    2. Garbage-collect first: a finished ``DistributedDataParallel`` wrapper (its C++ reducer
+       holds the group) can sit in a reference cycle; freed now, it is not freed later, during
+       interpreter shutdown.
+    3. ``destroy_process_group``: with nothing else holding the group (see the import of
+       ``torch.distributed.nn.functional`` above), this drops its last reference, so the
+       backend's worker threads are joined and the store closed here, while Python is alive.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if barrier:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def _rank_world() -> tuple[int, int]:
