@@ -40,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aanas._io import atomic_open
+from aanas._io import atomic_open, load_torch_file
 from aanas.block_types import BLOCK_TYPES, block_type
+from aanas.errors import CheckpointError
 from aanas.ops.blocks import act_fn
 from aanas.ops.elastic import (
     ChannelIndex,
@@ -532,15 +533,25 @@ class SuperNet(nn.Module):
         """Load a state written by :meth:`save` (``weights_only=True``; the space must match).
 
         Raises:
-            ValueError: the file was saved from another space or version.
+            CheckpointError: the file is missing, empty, truncated or not a supernet state, or
+                it was saved from another space or version; the message names the file.
         """
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        if payload.get("version") != self._version or payload.get("space") != self.space.name:
-            raise ValueError(
-                f"{path}: supernet of space {payload.get('space')!r} v{payload.get('version')}, "
-                f"expected {self.space.name!r} v{self._version}"
+        payload = load_torch_file(path, "supernet checkpoint")
+        if not isinstance(payload, dict) or not isinstance(payload.get("state_dict"), dict):
+            raise CheckpointError(
+                f"supernet checkpoint {path}: not written by SuperNet.save (no state_dict)"
             )
-        self.load_state_dict(payload["state_dict"], strict=True)
+        if payload.get("version") != self._version or payload.get("space") != self.space.name:
+            raise CheckpointError(
+                f"supernet checkpoint {path}: supernet of space {payload.get('space')!r} "
+                f"v{payload.get('version')}, expected {self.space.name!r} v{self._version}"
+            )
+        try:
+            self.load_state_dict(payload["state_dict"], strict=True)
+        except RuntimeError as exc:
+            first = " ".join(str(exc).split())[:300]
+            msg = f"supernet checkpoint {path}: weights do not fit: {first}"
+            raise CheckpointError(msg) from None
 
 
 # --- training -----------------------------------------------------------------------------------

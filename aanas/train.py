@@ -16,12 +16,15 @@ are all-reduced. ``recipe.batch_size`` is the global batch.
 Checkpoints hold model, optimiser, scheduler, grad-scaler and EMA state, the epoch, the model's
 spec string and all RNG states, written atomically; ``resume=`` continues bit-for-bit on CPU in
 a single process (each epoch's shuffling depends only on ``(seed, epoch)``).
+:func:`load_checkpoint` reads these and the other weight files aanas meets (a search's
+``{"spec", "state_dict"}`` files, bare state_dicts), with one-line errors for bad files.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -36,6 +39,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+# Imported before any process group exists, on purpose: its functions take `group=group.WORLD`
+# as a default argument, evaluated at import time. DistributedDataParallel imports it lazily
+# (via torch.distributed._shard) while a group is alive, and those ten defaults then keep the
+# default ProcessGroupGloo/NCCL, its TCPStore and their C++ threads alive past
+# destroy_process_group(), to be torn down at interpreter exit racing the exit path ("terminate
+# called without an active exception", SIGABRT, rank 0 which hosts the store). Bound now, the
+# defaults are None. See teardown_distributed() and the DDP test, which checks the threads.
+import torch.distributed.nn.functional  # noqa: F401
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -43,9 +55,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from aanas._io import atomic_open
+from aanas._io import atomic_open, load_torch_file
 from aanas.config import TrainRecipe, recipe_to_dict
 from aanas.data import DataBundle
+from aanas.errors import CheckpointError
 
 __all__ = [
     "fit",
@@ -58,6 +71,7 @@ __all__ = [
     "teardown_distributed",
     "seed_everything",
     "load_checkpoint",
+    "Checkpoint",
     "CHECKPOINT_VERSION",
 ]
 
@@ -119,10 +133,26 @@ def setup_distributed(device: str = "cpu") -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, str(dev))
 
 
-def teardown_distributed() -> None:
-    """Destroy the process group if :func:`setup_distributed` created one."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def teardown_distributed(*, barrier: bool = True) -> None:
+    """Leave the process group cleanly (a no-op without one).
+
+    1. ``barrier``: every rank waits here until all ranks arrive, so no rank closes its sockets
+       (or, on rank 0, the TCPStore every rank talks to) while a peer is still inside a
+       collective. Pass False on an error path: a peer that died would make it wait forever.
+    2. Garbage-collect first: a finished ``DistributedDataParallel`` wrapper (its C++ reducer
+       holds the group) can sit in a reference cycle; freed now, it is not freed later, during
+       interpreter shutdown.
+    3. ``destroy_process_group``: with nothing else holding the group (see the import of
+       ``torch.distributed.nn.functional`` above), this drops its last reference, so the
+       backend's worker threads are joined and the store closed here, while Python is alive.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if barrier:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def _rank_world() -> tuple[int, int]:
@@ -224,18 +254,108 @@ def _spec_string(model: nn.Module) -> str:
         return ""
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`fit` (``torch.load(weights_only=True)``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt: dict[str, Any] = torch.load(path, map_location=map_location, weights_only=True)
-    version = ckpt.get("version")
-    if version != CHECKPOINT_VERSION:
-        raise ValueError(
-            f"{path}: checkpoint version {version!r}, this aanas reads {CHECKPOINT_VERSION}"
+_TRAIN_KEYS = frozenset(
+    {"epoch", "model", "optimizer", "scheduler", "scaler", "ema", "spec", "recipe", "rng"}
+)  # what _save_checkpoint always writes (plus best_val_top1, best_epoch, last_metrics)
+_RESUME_KEYS = _TRAIN_KEYS | {"best_val_top1", "best_epoch", "last_metrics"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A weights file read by :func:`load_checkpoint`, whichever format it is in.
+
+    Formats (``format``):
+
+    - ``"train"``: written by :func:`fit` (``last.pt``/``best.pt``): weights, optimiser,
+      scheduler, scaler, EMA, RNG states, spec string and recipe; needed to resume.
+    - ``"spec+state_dict"``: ``{"spec": str, "state_dict": ...}``, as a search writes
+      ``best/model.pt`` and the per-candidate weights of its train evaluator.
+    - ``"state_dict"``: a bare ``model.state_dict()`` (e.g. from another training script).
+    """
+
+    path: Path
+    format: str
+    state_dict: dict[str, torch.Tensor]  # weights for inference: the EMA's if trained with EMA
+    spec: str  # canonical spec string, "" when the file names none
+    recipe: dict[str, Any]  # the TrainRecipe as a dict ({} unless format == "train")
+    ema: bool  # state_dict holds the EMA weights (what fit evaluated and selected on)
+    raw: dict[str, Any]  # the whole file (resume reads the optimiser, RNG, ... from here)
+
+    @property
+    def description(self) -> str:
+        """``"aanas train (EMA weights)"``, ``"spec + state_dict"`` or ``"bare state_dict"``."""
+        if self.format == "train":
+            return "aanas train (EMA weights)" if self.ema else "aanas train"
+        return "spec + state_dict" if self.format == "spec+state_dict" else "bare state_dict"
+
+
+def _is_state_dict(obj: Any) -> bool:
+    """A non-empty ``{str: Tensor}`` mapping, as ``nn.Module.state_dict()`` returns."""
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
+
+
+def _ema_weights(ema_state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Model weights of an ``AveragedModel`` state: ``module.`` prefix off, counter dropped."""
+    prefix = "module."
+    return {
+        k[len(prefix) :] if k.startswith(prefix) else k: v
+        for k, v in ema_state.items()
+        if k != "n_averaged"
+    }
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a weights file in any of the :class:`Checkpoint` formats (onto the CPU).
+
+    Loads with ``torch.load(weights_only=True)`` (no code runs from the file) through
+    :func:`aanas._io.load_torch_file`, so an empty, truncated, text or foreign file is one
+    :class:`~aanas.errors.CheckpointError` naming the file, never a reader's traceback.
+
+    Raises:
+        CheckpointError: missing or unreadable file, an unknown layout, or an ``aanas train``
+            checkpoint of another :data:`CHECKPOINT_VERSION`.
+    """
+    target = Path(path)
+    obj = load_torch_file(target, "checkpoint")
+    if isinstance(obj, dict) and "version" in obj and "model" in obj:
+        version = obj.get("version")
+        if version != CHECKPOINT_VERSION:
+            raise CheckpointError(
+                f"checkpoint {target}: version {version!r}, this aanas reads {CHECKPOINT_VERSION}"
+            )
+        missing = sorted(_TRAIN_KEYS - obj.keys())
+        if missing or not _is_state_dict(obj["model"]):
+            raise CheckpointError(
+                f"checkpoint {target}: incomplete aanas train checkpoint "
+                f"(missing {missing or ['a model state_dict']})"
+            )
+        recipe = obj["recipe"] if isinstance(obj["recipe"], dict) else {}
+        use_ema = isinstance(obj["ema"], dict) and float(recipe.get("ema_decay") or 0.0) > 0
+        return Checkpoint(
+            path=target,
+            format="train",
+            state_dict=_ema_weights(obj["ema"]) if use_ema else dict(obj["model"]),
+            spec=str(obj["spec"] or ""),
+            recipe=dict(recipe),
+            ema=use_ema,
+            raw=obj,
         )
-    return ckpt
+    if isinstance(obj, dict) and "state_dict" in obj and _is_state_dict(obj["state_dict"]):
+        spec = obj.get("spec") or ""
+        if not isinstance(spec, str):
+            raise CheckpointError(f"checkpoint {target}: 'spec' must be a string, got {spec!r}")
+        return Checkpoint(target, "spec+state_dict", dict(obj["state_dict"]), spec, {}, False, obj)
+    if _is_state_dict(obj):
+        return Checkpoint(target, "state_dict", dict(obj), "", {}, False, {"state_dict": obj})
+    keys = sorted(map(str, obj))[:6] if isinstance(obj, dict) else type(obj).__name__
+    raise CheckpointError(
+        f"checkpoint {target}: not an aanas train checkpoint, a {{'spec', 'state_dict'}} dict "
+        f"or a state_dict (found {keys})"
+    )
 
 
 # --- optimiser and schedule -------------------------------------------------------------------
@@ -564,14 +684,27 @@ def fit(
     last: dict[str, Any] = {}
     if resume is not None:
         # CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest to `dev`
-        ckpt = load_checkpoint(resume, map_location="cpu")
-        model.load_state_dict(ckpt["model"])
+        loaded = load_checkpoint(resume)
+        ckpt = loaded.raw
+        missing = sorted(_RESUME_KEYS - ckpt.keys()) if loaded.format == "train" else ["all"]
+        if missing:
+            raise CheckpointError(
+                f"--resume {resume}: not a complete aanas train checkpoint ({loaded.description}"
+                f", missing {missing[:6]})"
+            )
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as exc:
+            first = " ".join(str(exc).split())[:300]
+            raise CheckpointError(
+                f"--resume {resume}: weights do not fit the model: {first}"
+            ) from None
         optimizer.load_state_dict(ckpt["optimizer"])
         st.scheduler.load_state_dict(ckpt["scheduler"])
         st.scaler.load_state_dict(ckpt["scaler"])
         if st.ema is not None:
             if ckpt["ema"] is None:
-                raise ValueError(f"{resume}: checkpoint has no EMA state but ema_decay > 0")
+                raise CheckpointError(f"--resume {resume}: no EMA state, but ema_decay > 0")
             st.ema.load_state_dict(ckpt["ema"])
         start_epoch = int(ckpt["epoch"])
         best = {"best_val_top1": ckpt["best_val_top1"], "best_epoch": ckpt["best_epoch"]}

@@ -7,7 +7,9 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,6 +25,7 @@ from aanas.cost import (
     count_module,
     count_spec,
     measure,
+    measure_onnx,
     reference_macs,
 )
 from aanas.cost import latency as latency_mod
@@ -330,6 +333,99 @@ def test_measure_rejects_bad_settings() -> None:
         measure("test_aa_mnasnet", backend="tflite")
     with pytest.raises(ValueError, match="threads"):
         measure("test_aa_mnasnet", threads=0)
+
+
+def test_measure_onnx_file_and_one_iqr_definition(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """measure() and measure_onnx() summarise the same timings the same way (numpy percentiles).
+
+    The timing loop is replaced by fixed times so the statistics can be checked by hand: for
+    1..8 ms, the 25th/75th percentiles (linear interpolation) are 2.75 and 6.25, IQR 3.5.
+    """
+    from aanas.export import to_onnx
+
+    model = create_model("test_aa_mnasnet")
+    onnx_path = to_onnx(model, tmp_path / "m.onnx", check=False).path
+    real = measure_onnx(onnx_path, repeats=3, warmup=1)  # really timed first
+    assert math.isfinite(real.median_ms) and real.median_ms > 0 and not real.cached
+    with pytest.raises(ValueError, match="repeats"):
+        measure_onnx(onnx_path, repeats=0)
+    seen: list[int] = []
+
+    def fixed(
+        run: Callable[[], object], repeats: int, warmup: int, *a: object, **k: object
+    ) -> list[float]:
+        run()  # the real model / session runs once, so a broken feed would still fail
+        seen.append(repeats)
+        return [ms / 1e3 for ms in range(1, 9)]
+
+    monkeypatch.setattr(latency_mod, "_time_runs", fixed)
+    by_torch = measure(model, cache=False)
+    by_onnx = measure_onnx(onnx_path)
+    for res in (by_torch, by_onnx):
+        assert res.median_ms == pytest.approx(4.5) and res.iqr_ms == pytest.approx(3.5)
+        assert res.min_ms == pytest.approx(1.0) and res.repeats == 8
+    assert by_onnx.backend == "onnxruntime" and by_onnx.input_size == 32 and len(seen) == 2
+
+
+def _cache_write_attempts(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    calls: list[Path] = []
+    real = latency_mod._write_cache
+
+    def counted(path: Path, *args: Any) -> None:
+        calls.append(path)
+        real(path, *args)
+
+    monkeypatch.setattr(latency_mod, "_write_cache", counted)
+    return calls
+
+
+def test_unwritable_cache_warns_once_and_measures(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    timing_calls: list[int],
+) -> None:
+    """A cache that cannot be written is skipped with one warning; results still come back."""
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    monkeypatch.setattr(latency_mod, "_UNWRITABLE_CACHES", set())
+    writes = _cache_write_attempts(monkeypatch)
+    kw = {"repeats": 2, "warmup": 0, "cache_path": blocker / "cache"}
+    with caplog.at_level(logging.WARNING, logger="aanas.cost.latency"):
+        first = measure("test_aa_mnasnet", **kw)
+        second = measure("test_aa_mnasnet", threads=2, **kw)  # another key, same folder
+    assert first.median_ms > 0 and second.median_ms > 0 and not second.cached
+    assert len(writes) == 2 and len(timing_calls) == 2  # both tried to write, both measured
+    warnings = [r for r in caplog.records if "not writable" in r.getMessage()]
+    assert len(warnings) == 1 and str(blocker / "cache") in warnings[0].getMessage()
+
+
+def test_profile_with_read_only_cache(
+    readonly_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """AANAS_CACHE_DIR on a read-only file system: `aanas profile` measures and exits 0."""
+    monkeypatch.setenv("AANAS_CACHE_DIR", str(readonly_dir / "sub"))
+    monkeypatch.setattr(latency_mod, "_UNWRITABLE_CACHES", set())
+    with caplog.at_level(logging.WARNING, logger="aanas.cost.latency"):
+        code = main(["profile", "test_aa_mnasnet", "--repeats", "2", "--warmup", "0"])
+    assert code == 0
+    assert "median" in capsys.readouterr().out
+    assert "Read-only file system" in caplog.text and list((readonly_dir / "sub").iterdir()) == []
+
+
+def test_build_lut_checks_out_before_measuring(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], timing_calls: list[int]
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    argv = ["profile", "--build-lut", "tiny", "--out", str(blocker / "lut.yaml"), "--samples", "2"]
+    assert main(argv) == 2
+    assert "--out" in capsys.readouterr().err and timing_calls == []
 
 
 # --- latency table -------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from aanas.cost.latency import (
     cache_dir,
     machine_fingerprint,
     measure,
+    measure_onnx,
 )
 
 __all__ = [
@@ -38,5 +39,6 @@ __all__ = [
     "count_spec",
     "machine_fingerprint",
     "measure",
+    "measure_onnx",
     "reference_macs",
 ]

@@ -55,6 +55,7 @@ __all__ = [
     "cache_dir",
     "machine_fingerprint",
     "measure",
+    "measure_onnx",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -216,8 +217,6 @@ def _time_module(
             )
     if device != "cpu":
         raise ValueError(f"backend 'onnxruntime' runs on device 'cpu' only, got {device!r}")
-    import onnxruntime as ort
-
     with tempfile.TemporaryDirectory(prefix="aanas-onnx-") as tmp:
         path = os.path.join(tmp, "model.onnx")
         with warnings.catch_warnings(), torch.no_grad():
@@ -231,12 +230,20 @@ def _time_module(
                 output_names=["output"],
                 dynamo=False,
             )
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    feed = {"input": example.cpu().numpy()}
+        session = _ort_session(path, threads)
+    feed = {session.get_inputs()[0].name: example.cpu().numpy()}
     return _time_runs(lambda: session.run(None, feed), repeats, warmup, sync=False, before=before)
+
+
+def _ort_session(path: str | os.PathLike[str], threads: int) -> Any:
+    """A CPU ``InferenceSession`` with ``threads`` intra-op threads and no inter-op pool."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _check_settings(backend: str, threads: int, batch: int, repeats: int, warmup: int) -> None:
@@ -294,11 +301,30 @@ def _read_cache(path: Path, key: dict[str, Any]) -> LatencyResult | None:
         return None
 
 
+_UNWRITABLE_CACHES: set[Path] = set()  # cache folders already warned about (warn once each)
+
+
 def _write_cache(path: Path, key: dict[str, Any], result: LatencyResult) -> None:
-    """Write atomically: a tempfile in the same directory, then ``os.replace``."""
+    """Write atomically: a tempfile in the same directory, then ``os.replace``.
+
+    The cache is an optimisation: a folder that cannot be written (read-only file system, no
+    permission, disk full, a file in the way) is warned about once and the measurement is
+    returned uncached, rather than losing it, a whole ``aanas profile`` or a search's trials.
+    """
     record = {"key": key, "result": {**result.to_dict(), "cached": False}}
-    with atomic_open(path, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1, sort_keys=True)
+    try:
+        with atomic_open(path, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1, sort_keys=True)
+    except OSError as exc:
+        folder = path.parent
+        if folder not in _UNWRITABLE_CACHES:
+            _UNWRITABLE_CACHES.add(folder)
+            _LOG.warning(
+                "latency cache %s is not writable (%s): measuring without it; set "
+                "AANAS_CACHE_DIR to a writable folder to keep measurements",
+                folder,
+                exc.strerror or exc,
+            )
 
 
 # --- measure ------------------------------------------------------------------------------------
@@ -401,6 +427,42 @@ def measure(
     if path is not None:
         _write_cache(path, key, result)
     return result
+
+
+def measure_onnx(
+    path: str | os.PathLike[str],
+    input_size: int | None = None,
+    threads: int = 1,
+    batch: int = 1,
+    repeats: int = _DEFAULT_REPEATS,
+    warmup: int = _DEFAULT_WARMUP,
+) -> LatencyResult:
+    """Latency of an existing ONNX file under onnxruntime, timed exactly as :func:`measure`.
+
+    Same timer, warm-up and summary (median, and IQR = 75th minus 25th percentile with linear
+    interpolation, :func:`numpy.percentile`) as the torch backend, so the two numbers of
+    ``aanas export --check-latency`` are comparable. Never cached: a file has no spec digest.
+
+    Args:
+        path: the ``.onnx`` file; its first input is fed ``(batch, 3, S, S)`` random floats.
+        input_size: ``S``; default: the file's own static spatial size.
+        threads: onnxruntime intra-op threads.
+        batch: batch size (the batch axis must be dynamic or equal to it).
+        repeats: timed runs.
+        warmup: untimed runs before them.
+    """
+    _check_settings("onnxruntime", threads, batch, repeats, warmup)
+    session = _ort_session(path, threads)
+    first = session.get_inputs()[0]
+    size = input_size or (first.shape[-1] if isinstance(first.shape[-1], int) else None)
+    if size is None:
+        raise ValueError(f"{path}: dynamic spatial size; pass input_size")
+    x = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
+    feed = {first.name: x}
+    times = _time_runs(lambda: session.run(None, feed), repeats, warmup, sync=False)
+    return _summarize(
+        times, backend="onnxruntime", threads=threads, batch=batch, device="cpu", input_size=size
+    )
 
 
 # --- the per-block lookup table -----------------------------------------------------------------

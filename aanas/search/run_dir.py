@@ -31,8 +31,9 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from aanas.errors import CheckpointError
 from aanas.results import (
     TrialResult,
     atomic_write_bytes,
@@ -43,6 +44,9 @@ from aanas.results import (
     write_csv,
     write_jsonl,
 )
+
+if TYPE_CHECKING:
+    from aanas.train import Checkpoint
 
 __all__ = ["RunDirectory", "best_result", "format_table", "rank"]
 
@@ -291,6 +295,49 @@ class RunDirectory:
             buf = io.BytesIO()
             torch.save({"spec": result.spec, "state_dict": dict(state_dict)}, buf)
             atomic_write_bytes(self.best_dir / "model.pt", buf.getvalue())
+
+    def read_best_spec(self) -> str:
+        """The spec string in ``best/spec.txt`` (what :meth:`write_best` wrote).
+
+        Raises:
+            FileNotFoundError: not a run directory, or no trial finished yet.
+        """
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"run directory not found: {self.path}")
+        spec_txt = self.best_dir / "spec.txt"
+        if not spec_txt.is_file():
+            raise FileNotFoundError(f"{spec_txt} not found: no finished trial in {self.path} yet?")
+        return spec_txt.read_text(encoding="utf-8").strip()
+
+    def read_best_weights(self) -> Checkpoint:
+        """``best/model.pt`` as an :class:`aanas.train.Checkpoint` (``format`` spec+state_dict).
+
+        Raises:
+            FileNotFoundError: the search stored no weights.
+            CheckpointError: the file is unreadable, or its spec is not ``best/spec.txt``'s.
+        """
+        from aanas.train import load_checkpoint  # L4, below this module; torch only when asked
+
+        weights = self.best_dir / "model.pt"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} not found: the search stored no weights")
+        ckpt = load_checkpoint(weights)
+        spec = self.read_best_spec()
+        if ckpt.format != "spec+state_dict" or ckpt.spec.strip() != spec:
+            raise CheckpointError(
+                f"{weights}: expected the weights of {spec!r} from best/spec.txt, found "
+                f"{ckpt.description} of {ckpt.spec or 'no spec'!r}"
+            )
+        return ckpt
+
+    def training_data(self) -> tuple[str | None, str | None]:
+        """``(data, data_root)`` the search trained on, from ``run.json`` (Nones if unknown)."""
+        try:
+            recipe = self.read_meta().get("recipe") or {}
+            return recipe.get("data"), recipe.get("data_root")
+        except (ValueError, AttributeError, OSError):
+            _LOG.warning("%s is unreadable; the training data set is unknown", self.run_json)
+            return None, None
 
     def write_summary(
         self,
