@@ -35,9 +35,8 @@ import torch
 from torch import Tensor
 
 from aanas.ops.attention import (
-    _CHUNK_MIN_LOGITS,
-    _CHUNK_MIN_LOGITS_CUDA,
     AAConv2d,
+    _auto_impl,
     aa_channels,
     attention_input,
 )
@@ -244,8 +243,7 @@ def run_case(case: Case, device: torch.device, repeats: int) -> Result:
     grad = torch.randn(case.batch, case.channels, case.size, case.size, device=device)
 
     logits = case.batch * case.num_heads * (case.size**2) ** 2
-    threshold = _CHUNK_MIN_LOGITS_CUDA if device.type == "cuda" else _CHUNK_MIN_LOGITS
-    path = "chunked" if logits >= threshold else "simple"  # what attention_impl="auto" picks
+    path = _auto_impl(x, logits, needs_grad=True)  # what attention_impl="auto" picks
 
     def ref() -> list[Tensor]:
         return _step(lambda t: appendix_forward(layer, t), x, grad, params)

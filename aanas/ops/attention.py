@@ -7,16 +7,22 @@ embeddings, shared by all heads of one layer).
 
 The attention itself lives in one functional core, :func:`relative_attention`, which takes
 q/k/v as feature maps. The static layer and the weight-sharing supernet (which calls it with
-sliced weights) therefore run one implementation. It has two interchangeable paths:
+sliced weights) therefore run one implementation. It has interchangeable paths, all equal to
+the formula in forward and backward:
 
 * ``"simple"``: materialises the ``(B, Nh, HW, HW)`` logits, as the paper's appendix does, but
   adds the relative terms by broadcasting ``(B, Nh, H, W, H)`` and ``(B, Nh, H, W, W)`` tensors
   instead of tiling them to ``(HW, HW)``. Trace-friendly (no data-dependent Python loops); used
-  for ONNX export, inference and tiny problems.
+  for ONNX export and small problems.
 * ``"chunked"``: a custom autograd function that processes a few query rows at a time and
   recomputes each chunk's logits and softmax in backward (flash-attention style), so neither the
-  logits, their gradient nor the softmax output is ever stored whole. Used when gradients are
-  needed and the problem is large (see :func:`relative_attention` for the rule).
+  logits, their gradient nor the softmax output is ever stored whole. The default on CPU from
+  small sizes up, and on CUDA where memory limits (see :func:`relative_attention`).
+* ``"sdpa"``: ``F.scaled_dot_product_attention`` with the relative logits as an additive mask.
+* ``"flex"``: CUDA ``flex_attention`` with the relative logits as a score modification.
+
+Everything is computed in the channel-major ``(B*Nh, d, HW)`` layout the 1x1 ``qkv_conv``
+produces, so q, k and v are never permuted into copies; under autocast the core runs in float32.
 """
 
 from __future__ import annotations
@@ -45,13 +51,16 @@ __all__ = [
 
 ATTENTION_IMPLS = ("auto", "simple", "chunked", "sdpa", "flex")
 
-# "auto" switches to the chunked path from this many logits elements, B * Nh * (HW)^2 (8 MiB in
-# float32). Measured with benchmarks/aa_layer.py on one CPU thread (Xeon, torch 2.11): at 2**24.2
-# (28x28, B=4, Nh=8) chunked ran 1.7x faster than simple; at 2**19.2 (14x14, B=4, Nh=4) the
-# simple path was 1.25x faster (per-chunk overhead), so the switch sits between the two.
-_CHUNK_MIN_LOGITS = 1 << 18
-# Target number of logits elements per chunk (B * Nh * rows * W * HW): 128 Ki floats = 512 KiB,
-# about an L2 cache; measured with `benchmarks/aa_layer.py --sweep` (larger chunks were slower).
+# "auto" switches to the chunked path on CPU from this many logits elements, B * Nh * (HW)^2.
+# Measured with relative_attention forward+backward, one thread, process CPU time (2-core EPYC
+# shared with other jobs, torch 2.14): 2**15.2 logits (7x7, B=4, Nh=4) simple 2.0 ms, chunked
+# 2.1 ms; 2**16.2 (7x7, Nh=8) 2.7 vs 2.2 ms; 2**19.2 (14x14, Nh=4) 15.0 vs 9.0 ms; 2**24.2
+# (28x28, Nh=8, dkh=3) 515 vs 153 ms. The chunked path's reused buffer and in-place softmax
+# avoid the page faults of fresh (HW)^2 tensors, so it wins from about 2**16.
+_CHUNK_MIN_LOGITS = 1 << 16
+# Target number of logits elements per chunk (B * Nh * rows * W * HW), 2 MiB in float32. Same
+# setup, chunk_rows swept: 14x14 Nh=8: 11.8 / 10.8 / 11.0 ms at 2**16.5 / 2**17.5 / 2**18.5
+# logits per chunk; 28x28 Nh=8: 154 / 178 / 164 ms at 2**19.4 / 2**20.4 / 2**21.4.
 _CHUNK_TARGET_LOGITS = 1 << 19
 # On CUDA the chunked path is launch-bound at these sizes (H100, 28x28, B=4, `--sweep`: simple
 # 4.0 ms, chunked 6.0 ms with 2 chunks and 42.8 ms with 28), so it is used only once the logits
@@ -245,11 +254,42 @@ def _flex_attention(
     return out[..., :dvh].reshape(-1, hw, dvh)  # (BN, HW, dvh)
 
 
+def _rel_rows(q_rows: Tensor, table: Tensor) -> Tensor:
+    """``q·r[o]`` for every offset: ``(BN, n, 2L - 1)``, as the appendix's first step."""
+    return torch.matmul(q_rows, table.t())  # (BN, n, dkh) @ (dkh, 2L-1)
+
+
+def _abs_view(rel: Tensor, c: int, w: int, height: bool, r0: int) -> Tensor:
+    """The appendix's ``rel_to_abs`` as a strided view of ``(BN, c*W, 2L - 1)`` logits.
+
+    For query ``(x, y)`` of the chunk (global row ``r0 + x``) and key column ``y'`` the width
+    logit sits at ``rel[n, x*W + y, y' - y + W - 1]``: flat offset
+    ``x*W*(2W-1) + y*(2W-2) + y' + (W-1)``, all strides positive. The height logit for key
+    row ``x'`` sits at ``rel[n, x*W + y, x' - (r0 + x) + H - 1]``: offset
+    ``x*(W*(2H-1) - 1) + y*(2H-1) + x' + (H-1-r0)``. Both maps are one-to-one (distinct
+    ``(x, y, key)`` hit distinct entries), so gradients can be written through the same view.
+    Example: W = 3, width: the view's rows for y = 0, 1, 2 start at offsets 2, 6, 10 of
+    rows of 5, i.e. columns 2, 1, 0: offsets 0, -1, -2 for key column 0.
+
+    Returns:
+        ``(BN, c, W, H)`` (height) or ``(BN, c, W, W)`` (width) view of ``rel``.
+    """
+    bn, n, m = rel.shape
+    size = (m + 1) // 2  # H for the height table, W for the width table
+    if height:
+        strides = (n * m, w * m - 1, m, 1)
+        offset = size - 1 - r0
+    else:
+        strides = (n * m, w * m, m - 1, 1)
+        offset = size - 1
+    return rel.as_strided((bn, c, w, size), strides, rel.storage_offset() + offset)
+
+
 def _chunk_probs(
     qt: Tensor,
     kt: Tensor,
-    e_h: Tensor | None,
-    e_w: Tensor | None,
+    t_h: Tensor | None,
+    t_w: Tensor | None,
     w: int,
     r0: int,
     r1: int,
@@ -262,16 +302,17 @@ def _chunk_probs(
     written first and the content logits accumulated onto it (``baddbmm_``), then the softmax
     runs in place (on CPU, where PyTorch's row-wise kernel allows it).
     """
-    bn, dkh, hw = qt.shape
+    bn, _, hw = qt.shape
     h, c = hw // w, r1 - r0
-    qc = qt[:, :, r0 * w : r1 * w]  # (BN, dkh, c*W) view
+    q_rows = qt[:, :, r0 * w : r1 * w].transpose(1, 2)  # (BN, c*W, dkh) view
     logits = buf[: bn * c * w * hw].view(bn, c * w, hw)  # (BN, c*W, HW)
-    if e_h is not None and e_w is not None:
-        rel_h, rel_w = _rel_logits(qc.reshape(bn, dkh, c, w), e_h[r0:r1], e_w)
+    if t_h is not None and t_w is not None:
+        rel_h = _abs_view(_rel_rows(q_rows, t_h), c, w, True, r0)  # (BN, c, W, H)
+        rel_w = _abs_view(_rel_rows(q_rows, t_w), c, w, False, r0)  # (BN, c, W, W)
         torch.add(rel_h.unsqueeze(-1), rel_w.unsqueeze(-2), out=logits.view(bn, c, w, h, w))
-        logits.baddbmm_(qc.transpose(1, 2), kt)
+        logits.baddbmm_(q_rows, kt)
     else:
-        torch.bmm(qc.transpose(1, 2), kt, out=logits)
+        torch.bmm(q_rows, kt, out=logits)
     if logits.is_cuda:
         return torch.softmax(logits, dim=-1)
     return torch.ops.aten._softmax.out(logits, -1, False, out=logits)  # type: ignore[no-any-return]
@@ -280,14 +321,16 @@ def _chunk_probs(
 class _ChunkedRelAttention(torch.autograd.Function):
     """Query-row-chunked relative attention that recomputes each chunk in backward.
 
-    Saves only q, k, v, the output and the two small embedding matrices; the backward pass
+    Saves only q, k, v, the output and the two small relative tables; the backward pass
     recomputes one chunk's softmax at a time (the flash-attention recipe,
     ``dS = P * (dP - rowsum(dO * O))``), so peak memory holds one chunk of logits instead of
     the full ``(B, Nh, HW, HW)`` logits, their gradient and the softmax. Every matmul reads
     its operands in the layout BLAS is fast for with these skinny heads (``dkh``, ``dvh`` of
     2-24): measured on CPU, ``P @ v`` with v as a transposed view of ``(dvh, HW)`` ran 6x
     faster than with a contiguous ``(HW, dvh)`` v, and ``dv^T += dO^T @ P`` 4-6x faster than
-    ``dv += P^T @ dO`` (benchmarks/aa_layer.py, 28x28, 8 heads of dkh 3).
+    ``dv += P^T @ dO``. The relative logits are one dense matmul against the ``2L - 1`` table
+    rows plus a strided view (:func:`_abs_view`), not per-row einsums with the ``(L, L, d)``
+    matrices, whose small batched matmuls cost a third of the step (torch.profiler).
 
     Autocast: :func:`relative_attention` runs this in float32 (inputs cast, autocast off), so
     q, k, v and the tables always share one dtype here.
@@ -299,8 +342,8 @@ class _ChunkedRelAttention(torch.autograd.Function):
         qt: Tensor,
         kt: Tensor,
         vt: Tensor,
-        e_h: Tensor | None,
-        e_w: Tensor | None,
+        t_h: Tensor | None,
+        t_w: Tensor | None,
         w: int,
         rows: int,
     ) -> Tensor:
@@ -311,9 +354,9 @@ class _ChunkedRelAttention(torch.autograd.Function):
         v_rows = vt.transpose(1, 2)  # (BN, HW, dvh) view
         for r0 in range(0, h, rows):
             r1 = min(h, r0 + rows)
-            probs = _chunk_probs(qt, kt, e_h, e_w, w, r0, r1, buf)  # (BN, c*W, HW)
+            probs = _chunk_probs(qt, kt, t_h, t_w, w, r0, r1, buf)  # (BN, c*W, HW)
             out_t[:, :, r0 * w : r1 * w] = torch.bmm(probs, v_rows).transpose(1, 2)
-        rel = () if e_h is None or e_w is None else (e_h, e_w)
+        rel = () if t_h is None or t_w is None else (t_h, t_w)
         ctx.save_for_backward(qt, kt, vt, out_t, *rel)
         ctx.w, ctx.rows = w, rows  # type: ignore[attr-defined]
         return out_t
@@ -322,7 +365,7 @@ class _ChunkedRelAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         qt, kt, vt, out_t, *rel = ctx.saved_tensors
-        e_h, e_w = rel if rel else (None, None)
+        t_h, t_w = rel if rel else (None, None)
         w, rows = ctx.w, ctx.rows
         bn, dkh, hw = qt.shape
         h = hw // w
@@ -331,8 +374,9 @@ class _ChunkedRelAttention(torch.autograd.Function):
         grad_qt = torch.empty_like(qt)  # (BN, dkh, HW)
         grad_kt = torch.zeros_like(kt)  # (BN, dkh, HW)
         grad_vt = torch.zeros_like(vt)  # (BN, dvh, HW)
-        grad_e_h = torch.zeros_like(e_h) if e_h is not None else None  # (H, H, dkh)
-        grad_e_w = torch.zeros_like(e_w) if e_w is not None else None  # (W, W, dkh)
+        # Table gradients transposed, (dkh, 2L - 1), summed over the batch at the end.
+        grad_th = qt.new_zeros(bn, dkh, 2 * h - 1) if t_h is not None else None
+        grad_tw = qt.new_zeros(bn, dkh, 2 * w - 1) if t_w is not None else None
         n_max = min(rows, h) * w
         buf = qt.new_empty(bn * n_max * hw)
         buf_grad = qt.new_empty(bn * n_max * hw)
@@ -340,28 +384,31 @@ class _ChunkedRelAttention(torch.autograd.Function):
         for r0 in range(0, h, rows):
             r1 = min(h, r0 + rows)
             c, sl = r1 - r0, slice(r0 * w, r1 * w)
-            probs = _chunk_probs(qt, kt, e_h, e_w, w, r0, r1, buf)  # (BN, c*W, HW)
+            probs = _chunk_probs(qt, kt, t_h, t_w, w, r0, r1, buf)  # (BN, c*W, HW)
             g_c = g_t[:, :, sl]  # (BN, dvh, c*W)
             grad_vt.baddbmm_(g_c, probs)  # dv^T += dO^T P
             grad_s = buf_grad[: bn * c * w * hw].view(bn, c * w, hw)  # (BN, c*W, HW)
-            torch.bmm(g_c.transpose(1, 2), vt, out=grad_s)  # dP = dO v^T
-            grad_s.sub_(delta[:, sl].unsqueeze(-1)).mul_(probs)  # dS, softmax backward
+            # dS = P * (dP - delta), dP = dO v^T: the subtraction rides on the matmul.
+            torch.baddbmm(-delta[:, sl].unsqueeze(-1), g_c.transpose(1, 2), vt, out=grad_s)
+            grad_s.mul_(probs)
             q_c = qt[:, :, sl]  # (BN, dkh, c*W)
             grad_kt.baddbmm_(q_c, grad_s)  # dk^T += q^T dS
             grad_qc = torch.bmm(grad_s, k_rows)  # (BN, c*W, dkh): dq = dS k
-            if e_h is not None and e_w is not None:
-                assert grad_e_h is not None and grad_e_w is not None
+            if t_h is not None and t_w is not None:
+                assert grad_th is not None and grad_tw is not None
                 grad_s5 = grad_s.view(bn, c, w, h, w)  # (BN, c, W, H', W')
-                grad_rel_h = grad_s5.sum(-1)  # (BN, c, W, H)
-                grad_rel_w = grad_s5.sum(-2)  # (BN, c, W, W)
-                grad_qc5 = grad_qc.view(bn, c, w, dkh)  # (BN, c, W, dkh)
-                grad_qc5.add_(torch.einsum("nxyk,xkd->nxyd", grad_rel_h, e_h[r0:r1]))
-                grad_qc5.add_(torch.einsum("nxyk,ykd->nxyd", grad_rel_w, e_w))
-                q_c4 = q_c.reshape(bn, dkh, c, w)  # (BN, dkh, c, W)
-                grad_e_h[r0:r1] = torch.einsum("nxyk,ndxy->xkd", grad_rel_h, q_c4)
-                grad_e_w.add_(torch.einsum("nxyk,ndxy->ykd", grad_rel_w, q_c4))
+                for table, grad_t, height, dim in (
+                    (t_h, grad_th, True, -1),
+                    (t_w, grad_tw, False, -2),
+                ):
+                    grad_rel = grad_s.new_zeros(bn, c * w, table.shape[0])  # (BN, c*W, 2L-1)
+                    _abs_view(grad_rel, c, w, height, r0).copy_(grad_s5.sum(dim))
+                    grad_qc.add_(torch.matmul(grad_rel, table))  # (BN, c*W, dkh)
+                    grad_t.baddbmm_(q_c, grad_rel)  # (BN, dkh, 2L-1)
             grad_qt[:, :, sl] = grad_qc.transpose(1, 2)
-        return grad_qt, grad_kt, grad_vt, grad_e_h, grad_e_w, None, None
+        grad_t_h = grad_th.sum(0).t() if grad_th is not None else None  # (2H-1, dkh)
+        grad_t_w = grad_tw.sum(0).t() if grad_tw is not None else None  # (2W-1, dkh)
+        return grad_qt, grad_kt, grad_vt, grad_t_h, grad_t_w, None, None
 
 
 def _auto_chunk_rows(batch: int, num_heads: int, height: int, width: int, cuda: bool) -> int:
@@ -418,12 +465,13 @@ def relative_attention(
     * ``"chunked"``: a custom autograd function over chunks of ``chunk_rows`` query rows that
       recomputes each chunk's softmax in backward; never holds the full logits.
     * ``"sdpa"``: ``F.scaled_dot_product_attention`` with the relative logits as an additive
-      float mask (materialised, since it needs a gradient).
+      float mask (materialised, since it needs a gradient). Never chosen by ``"auto"``: on
+      CPU it measured slower than ``"chunked"`` at every size tried (28x28: 571 vs 153 ms).
     * ``"flex"``: CUDA only, ``torch.nn.attention.flex_attention`` (compiled) with the relative
       logits as a score modification reading ``(HW, H)`` and ``(HW, W)`` per-query tables;
       never builds an ``(HW)^2`` tensor. Opt-in: it could not be run where this was written.
     * ``"auto"``: ``"simple"`` while tracing/exporting/compiling; on CPU ``"chunked"`` from
-      ``2**18`` logits (``B * Nh * (HW)^2``), else ``"simple"``; on CUDA ``"chunked"`` when a
+      ``2**16`` logits (``B * Nh * (HW)^2``), else ``"simple"``; on CUDA ``"chunked"`` when a
       gradient is needed and the logits reach ``2**26``, else ``"simple"``.
 
     Mixed precision: under autocast the attention runs in float32 with autocast off (q, k, v
@@ -442,7 +490,7 @@ def relative_attention(
             Tables made for a larger map are fine: their central rows are used.
         impl: one of ``"auto"``, ``"simple"``, ``"chunked"``, ``"sdpa"``, ``"flex"``.
         chunk_rows: query rows per chunk for the chunked path; None picks chunks of about
-            2**17 logits (2**24 on CUDA).
+            2**19 logits (2**24 on CUDA).
 
     Returns:
         ``(B, dv, H, W)`` attention output before ``attn_out``, in q's dtype.
@@ -505,11 +553,6 @@ def _relative_attention(
     qt = q.reshape(-1, dkh, hw) * dkh**-0.5  # (BN, dkh, HW), BN = B * Nh
     kt = k.reshape(-1, dkh, hw)  # (BN, dkh, HW)
     vt = v.reshape(-1, dvh, hw)  # (BN, dvh, HW)
-    e_h = e_w = None
-    if key_rel_w is not None and key_rel_h is not None:
-        e_h = rel_embedding_matrix(key_rel_h, h)  # (H, H, dkh)
-        e_w = rel_embedding_matrix(key_rel_w, w)  # (W, W, dkh)
-
     if impl == "auto":
         # Short-circuit order matters: under torch.export the batch is symbolic, so the size
         # is only computed when not exporting.
@@ -517,14 +560,23 @@ def _relative_attention(
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, key_rel_w, key_rel_h)
         )
-        impl = "simple" if exporting else _auto_impl(q, b * num_heads * hw * hw, needs_grad)
+        logits = 0 if exporting else b * num_heads * hw * hw
+        impl = "simple" if exporting else _auto_impl(q, logits, needs_grad)
 
     if impl == "chunked":
         rows = chunk_rows or _auto_chunk_rows(b, num_heads, h, w, q.is_cuda)
+        t_h = t_w = None
+        if key_rel_w is not None and key_rel_h is not None:
+            t_h = central_rel_rows(key_rel_h, h)  # (2H - 1, dkh)
+            t_w = central_rel_rows(key_rel_w, w)  # (2W - 1, dkh)
         out_t: Tensor = _ChunkedRelAttention.apply(
-            qt.contiguous(), kt.contiguous(), vt.contiguous(), e_h, e_w, w, min(rows, h)
+            qt.contiguous(), kt.contiguous(), vt.contiguous(), t_h, t_w, w, min(rows, h)
         )  # (BN, dvh, HW)
         return out_t.reshape(-1, dv, h, w)  # (B, dv, H, W): a view, heads are channel blocks
+    e_h = e_w = None
+    if key_rel_w is not None and key_rel_h is not None:
+        e_h = rel_embedding_matrix(key_rel_h, h)  # (H, H, dkh)
+        e_w = rel_embedding_matrix(key_rel_w, w)  # (W, W, dkh)
     if impl == "simple":
         out = _simple_attention(qt, kt, vt, e_h, e_w, h, w)  # (BN, HW, dvh)
     elif impl == "sdpa":
