@@ -16,8 +16,8 @@ the formula in forward and backward:
   for ONNX export and small problems.
 * ``"chunked"``: a custom autograd function that processes a few query rows at a time and
   recomputes each chunk's logits and softmax in backward (flash-attention style), so neither the
-  logits, their gradient nor the softmax output is ever stored whole. The default on CPU from
-  small sizes up, and on CUDA where memory limits (see :func:`relative_attention`).
+  logits, their gradient nor the softmax output is ever stored whole. The default for training
+  on CPU from small sizes up, and on CUDA where memory limits (see :func:`relative_attention`).
 * ``"sdpa"``: ``F.scaled_dot_product_attention`` with the relative logits as an additive mask.
 * ``"flex"``: CUDA ``flex_attention`` with the relative logits as a score modification.
 
@@ -428,11 +428,16 @@ def _exporting() -> bool:
 
 
 def _auto_impl(q: Tensor, logits: int, needs_grad: bool) -> str:
-    """The path ``impl="auto"`` takes (see :func:`relative_attention`)."""
-    if _exporting():
+    """The path ``impl="auto"`` takes (see :func:`relative_attention`).
+
+    Without a gradient the simple path serves inference on every device: it is what
+    ``aanas.cost.reference_macs`` counts with FlopCounterMode (the chunked path's relative
+    logits multiply the whole ``2L - 1`` tables, so its MAC count differs).
+    """
+    if _exporting() or not needs_grad:
         return "simple"
     if q.is_cuda:
-        return "chunked" if needs_grad and logits >= _CHUNK_MIN_LOGITS_CUDA else "simple"
+        return "chunked" if logits >= _CHUNK_MIN_LOGITS_CUDA else "simple"
     return "chunked" if logits >= _CHUNK_MIN_LOGITS else "simple"
 
 
@@ -470,9 +475,9 @@ def relative_attention(
     * ``"flex"``: CUDA only, ``torch.nn.attention.flex_attention`` (compiled) with the relative
       logits as a score modification reading ``(HW, H)`` and ``(HW, W)`` per-query tables;
       never builds an ``(HW)^2`` tensor. Opt-in: it could not be run where this was written.
-    * ``"auto"``: ``"simple"`` while tracing/exporting/compiling; on CPU ``"chunked"`` from
-      ``2**16`` logits (``B * Nh * (HW)^2``), else ``"simple"``; on CUDA ``"chunked"`` when a
-      gradient is needed and the logits reach ``2**26``, else ``"simple"``.
+    * ``"auto"``: ``"simple"`` while tracing/exporting/compiling or when no gradient is
+      needed; otherwise ``"chunked"`` from ``2**16`` logits (``B * Nh * (HW)^2``) on CPU and
+      from ``2**26`` on CUDA, else ``"simple"``.
 
     Mixed precision: under autocast the attention runs in float32 with autocast off (q, k, v
     and the tables cast up) and the result is cast back to q's dtype, so the summed content +
@@ -521,7 +526,8 @@ def relative_attention(
                 raise ValueError(f"{name} must be (2*max - 1, dk/Nh={dkh}), got {table.shape}")
 
     device_type = q.device.type
-    if torch.is_autocast_enabled(device_type):
+    # The meta device (shape-only cost counting) has no autocast, and asking raises.
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         # Float32 inside autocast: fp16 logits overflow, and a custom backward must not mix
         # dtypes (the float32 tables against bfloat16 q failed before this).
         with torch.autocast(device_type, enabled=False):
