@@ -35,9 +35,8 @@ import torch
 from torch import Tensor
 
 from aanas.ops.attention import (
-    _CHUNK_MIN_LOGITS,
-    _CHUNK_MIN_LOGITS_CUDA,
     AAConv2d,
+    _auto_impl,
     aa_channels,
     attention_input,
 )
@@ -171,15 +170,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+_CLOCK: Callable[[], float] = time.perf_counter  # --clock cpu: time.process_time
+
+
 def _times(step: Callable[[], object], repeats: int, device: torch.device) -> list[float]:
     step()  # warm-up
     out = []
     for _ in range(repeats):
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = _CLOCK()
         step()
         _sync(device)
-        out.append(time.perf_counter() - t0)
+        out.append(_CLOCK() - t0)
     return out
 
 
@@ -244,8 +246,7 @@ def run_case(case: Case, device: torch.device, repeats: int) -> Result:
     grad = torch.randn(case.batch, case.channels, case.size, case.size, device=device)
 
     logits = case.batch * case.num_heads * (case.size**2) ** 2
-    threshold = _CHUNK_MIN_LOGITS_CUDA if device.type == "cuda" else _CHUNK_MIN_LOGITS
-    path = "chunked" if logits >= threshold else "simple"  # what attention_impl="auto" picks
+    path = _auto_impl(x, logits, needs_grad=True)  # what attention_impl="auto" picks
 
     def ref() -> list[Tensor]:
         return _step(lambda t: appendix_forward(layer, t), x, grad, params)
@@ -314,7 +315,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per block")
     parser.add_argument("--quick", action="store_true", help="main size only, fewer repeats")
     parser.add_argument("--sweep", action="store_true", help="also time several chunk sizes")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: process CPU time, which a loaded shared machine does not inflate (1 thread)",
+    )
     args = parser.parse_args()
+    global _CLOCK
+    _CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
     torch.set_num_threads(args.threads)
     # Exact float32 on CUDA (no TF32), so that both implementations compute the same thing.
     torch.backends.cudnn.allow_tf32 = False
@@ -325,7 +334,8 @@ def main() -> None:
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     header = (
         f"torch {torch.__version__}, device {dev_name}, torch.get_num_threads()="
-        f"{torch.get_num_threads()}, forward+backward, median of {repeats} runs (reference: "
+        f"{torch.get_num_threads()}, {args.clock} clock, forward+backward, median of {repeats} "
+        f"runs (reference: "
         f"{2 * repeats} runs, before and after), 3x3 kernel, stride 1, relative=True"
     )
     print(header, flush=True)

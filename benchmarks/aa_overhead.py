@@ -4,61 +4,97 @@ Bello et al. (*Attention Augmented Convolutional Networks*, arXiv:1904.09925, Ta
 report parameters and FLOPs but no step times. This measures forward+backward throughput of
 AA-MnasNet-A1 vs MnasNet-A1 (width 1.0) and AA-ResNet-50 vs ResNet-50 in one process: the two
 models of a pair are timed alternately (plain, AA, plain, AA, ...) so that drift in machine
-speed hits both, and the ratio of the medians is printed.
+speed hits both, and the ratio of the medians is printed beside the ratio of analytical MACs.
+
+``--clock cpu`` times with the process's CPU time instead of the wall clock: on a shared,
+loaded machine the wall clock also counts the time other processes hold the cores, while the
+CPU time of a one-thread run does not (with more threads it also counts OpenMP spin-waits).
+``--profile`` prints a ``torch.profiler`` table (self CPU time by op) of one AA step.
 
 Usage::
 
     python benchmarks/aa_overhead.py --threads 2 --batch 8 --input-size 224
-    python benchmarks/aa_overhead.py --device cuda --batch 64
+    python benchmarks/aa_overhead.py --threads 1 --clock cpu --profile
+    python benchmarks/aa_overhead.py --device cuda --batch 64 --amp
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from aanas.cost import count
 from aanas.models import create_model
+from aanas.ops.attention import ATTENTION_IMPLS, AAConv2d
 
 PAIRS = (("mnasnet_a1_100", "aa_mnasnet_a1_100"), ("resnet50", "aa_resnet50"))
 
 
-def _step(model: nn.Module, x: torch.Tensor) -> None:
+def _step(model: nn.Module, x: torch.Tensor, amp: bool) -> None:
     """One forward+backward pass (gradients zeroed first; no optimizer)."""
     model.zero_grad(set_to_none=True)
-    model(x).float().mean().backward()
+    ctx = torch.autocast(x.device.type) if amp else contextlib.nullcontext()
+    with ctx:
+        loss = model(x).float().mean()
+    loss.backward()
 
 
-def _time(model: nn.Module, x: torch.Tensor, device: torch.device) -> float:
-    """Wall seconds of one synchronised step."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    _step(model, x)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+def _time(model: nn.Module, x: torch.Tensor, amp: bool, clock: Callable[[], float]) -> float:
+    """Seconds of one synchronised step on ``clock``."""
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    start = clock()
+    _step(model, x, amp)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    return clock() - start
+
+
+def _models(names: Sequence[str], size: int, device: torch.device, impl: str) -> list[nn.Module]:
+    """The pair's models in train mode, with every AA layer set to ``impl``."""
+    torch.manual_seed(0)
+    models = [create_model(n, input_size=size).to(device).train() for n in names]
+    for m in models:
+        for layer in m.modules():
+            if isinstance(layer, AAConv2d):
+                layer.attention_impl = impl
+    return models
 
 
 def bench_pair(
-    names: Sequence[str], batch: int, size: int, device: torch.device, warmup: int, iters: int
+    models: Sequence[nn.Module],
+    x: torch.Tensor,
+    warmup: int,
+    iters: int,
+    amp: bool,
+    clock: Callable[[], float],
 ) -> list[float]:
     """Median step seconds of each model, measured alternately."""
-    torch.manual_seed(0)
-    models = [create_model(n, input_size=size).to(device).train() for n in names]
-    x = torch.randn(batch, 3, size, size, device=device)
     for _ in range(warmup):
         for m in models:
-            _step(m, x)
+            _step(m, x, amp)
     times: list[list[float]] = [[] for _ in models]
     for _ in range(iters):
         for m, t in zip(models, times, strict=True):
-            t.append(_time(m, x, device))
+            t.append(_time(m, x, amp, clock))
     return [statistics.median(t) for t in times]
+
+
+def profile_step(model: nn.Module, x: torch.Tensor, amp: bool, rows: int) -> str:
+    """``torch.profiler`` table of one step, sorted by self CPU time."""
+    _step(model, x, amp)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        _step(model, x, amp)
+    table: str = prof.key_averages().table(
+        sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40
+    )
+    return table
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -70,24 +106,43 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5, help="timed steps per model")
+    parser.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument(
+        "--attention-impl", choices=ATTENTION_IMPLS, default="auto", help="AAConv2d path"
+    )
+    parser.add_argument(
+        "--pairs", default="all", choices=("all", "mnasnet", "resnet"), help="which pairs"
+    )
+    parser.add_argument("--profile", action="store_true", help="profile one AA step per pair")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    pairs = [p for p in PAIRS if args.pairs == "all" or args.pairs in p[0]]
     print(
         f"device={device} threads={torch.get_num_threads()} batch={args.batch} "
-        f"input={args.input_size} torch={torch.__version__} (median of {args.iters}, alternated)"
+        f"input={args.input_size} amp={args.amp} clock={args.clock} "
+        f"impl={args.attention_impl} torch={torch.__version__} "
+        f"(median of {args.iters}, alternated)"
     )
-    print("| plain | AA | plain img/s | AA img/s | AA / plain step time |")
-    print("| --- | --- | ---: | ---: | ---: |")
-    for plain, aa in PAIRS:
-        t_plain, t_aa = bench_pair(
-            (plain, aa), args.batch, args.input_size, device, args.warmup, args.iters
-        )
+    print("| plain | AA | plain img/s | AA img/s | AA / plain step time | AA / plain MACs |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    x = torch.randn(args.batch, 3, args.input_size, args.input_size, device=device)
+    profiles = []
+    for names in pairs:
+        models = _models(names, args.input_size, device, args.attention_impl)
+        macs = [count(n, args.input_size).macs for n in names]
+        t_plain, t_aa = bench_pair(models, x, args.warmup, args.iters, args.amp, clock)
         print(
-            f"| {plain} | {aa} | {args.batch / t_plain:.1f} | {args.batch / t_aa:.1f} | "
-            f"{t_aa / t_plain:.2f}x |",
+            f"| {names[0]} | {names[1]} | {args.batch / t_plain:.1f} | "
+            f"{args.batch / t_aa:.1f} | {t_aa / t_plain:.3f}x | {macs[1] / macs[0]:.3f}x |",
             flush=True,
         )
+        if args.profile:
+            profiles.append((names[1], profile_step(models[1], x, args.amp, 20)))
+    for name, table in profiles:
+        print(f"\nprofile of one {name} step:\n{table}")
 
 
 if __name__ == "__main__":

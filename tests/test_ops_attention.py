@@ -169,7 +169,7 @@ def test_matches_bruteforce_reference(
     x = torch.randn(2, layer.in_channels, *size, dtype=torch.float64)
     expected = reference_forward(layer, x)
     assert expected.shape == (2, 10, math.ceil(size[0] / stride), math.ceil(size[1] / stride))
-    for impl, rows in (("simple", None), ("chunked", 2), ("chunked", None)):
+    for impl, rows in (("simple", None), ("chunked", 2), ("chunked", None), ("sdpa", None)):
         layer.attention_impl, layer.chunk_rows = impl, rows
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
@@ -181,7 +181,7 @@ def test_attention_input_matches_loops() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Chunked (recompute-in-backward) path == simple path, forward and gradients
+# Chunked (recompute-in-backward) and SDPA paths == simple path, forward and gradients
 # ---------------------------------------------------------------------------------------------
 
 
@@ -192,24 +192,31 @@ def _forward_and_grads(layer: AAConv2d, x: Tensor, grad: Tensor) -> list[Tensor]
 
 
 @pytest.mark.parametrize(
-    ("relative", "stride", "depthwise", "size", "rows"),
+    ("impl", "relative", "stride", "depthwise", "size", "rows"),
     [
-        (True, 1, False, (5, 7), 1),
-        (True, 1, False, (7, 5), 3),
-        (False, 1, False, (5, 7), 2),
-        (True, 2, True, (9, 8), 2),
-        (True, 1, True, (6, 6), None),
+        ("chunked", True, 1, False, (5, 7), 1),
+        ("chunked", True, 1, False, (7, 5), 3),
+        ("chunked", False, 1, False, (5, 7), 2),
+        ("chunked", True, 2, True, (9, 8), 2),
+        ("chunked", True, 1, True, (6, 6), None),
+        ("sdpa", True, 1, False, (5, 7), None),
+        ("sdpa", False, 2, True, (9, 8), None),
     ],
 )
-def test_chunked_equals_simple(
-    relative: bool, stride: int, depthwise: bool, size: tuple[int, int], rows: int | None
+def test_fused_paths_equal_simple(
+    impl: str,
+    relative: bool,
+    stride: int,
+    depthwise: bool,
+    size: tuple[int, int],
+    rows: int | None,
 ) -> None:
     layer = _layer(stride=stride, relative=relative, depthwise=depthwise, dk=8, dv=6)
     x = torch.randn(3, layer.in_channels, *size, dtype=torch.float64)
     grad = torch.randn_like(layer(x))
     layer.attention_impl = "simple"
     expected = _forward_and_grads(layer, x, grad)
-    layer.attention_impl, layer.chunk_rows = "chunked", rows
+    layer.attention_impl, layer.chunk_rows = impl, rows
     got = _forward_and_grads(layer, x, grad)
     assert len(got) == len(expected)
     for g, e in zip(got, expected, strict=True):
@@ -242,13 +249,14 @@ def test_auto_path_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     assert calls == []
     monkeypatch.setattr(attention, "_CHUNK_MIN_LOGITS", 0)
     with torch.no_grad():
-        layer(x)  # no grad needed: simple
+        layer(x)  # no grad needed: simple (what FlopCounterMode-based MAC counts see)
     assert calls == []
     layer(x)  # grad and "big": chunked
     assert calls == [1]
     layer.attention_impl = "simple"
     layer(x)
     assert calls == [1]
+    assert attention._auto_impl(x, 1 << 30, needs_grad=True) == "chunked"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +281,7 @@ def test_gradcheck_layer_input_and_tables(impl: str, rows: int | None) -> None:
     assert torch.autograd.gradcheck(fn, (x, rel_w, rel_h))
 
 
-@pytest.mark.parametrize(("impl", "rows"), [("simple", None), ("chunked", 1)])
+@pytest.mark.parametrize(("impl", "rows"), [("simple", None), ("chunked", 1), ("sdpa", None)])
 def test_gradcheck_functional_core(impl: str, rows: int | None) -> None:
     torch.manual_seed(1)
 
@@ -287,6 +295,70 @@ def test_gradcheck_functional_core(impl: str, rows: int | None) -> None:
         return relative_attention(q, k, v, 2, rel_w, rel_h, impl=impl, chunk_rows=rows)
 
     assert torch.autograd.gradcheck(fn, (q, k, v, rel_w, rel_h))
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixed precision: every path under autocast against float32 (the attention runs in float32)
+# ---------------------------------------------------------------------------------------------
+
+
+def _rel_norm_err(got: Tensor, expected: Tensor) -> float:
+    return ((got.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+@pytest.mark.parametrize("impl", ["simple", "chunked", "sdpa"])
+def test_autocast_bfloat16_cpu_forward_and_backward(impl: str) -> None:
+    layer = _layer(dk=8, dv=6).float()
+    layer.attention_impl, layer.chunk_rows = impl, 2
+    x = torch.randn(2, layer.in_channels, 7, 6)
+    grad = torch.randn(2, 10, 7, 6)
+    expected = _forward_and_grads(layer, x, grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _forward_and_grads(layer, x, grad)
+    assert got[0].dtype == torch.bfloat16  # the projections and the conv ran in bfloat16
+    assert all(g.dtype == torch.float32 for g in got[1:])  # grads of float32 leaves
+    # bfloat16 keeps 8 bits of mantissa (relative step 2**-8 = 0.4 %); the errors of the
+    # bfloat16 convs around the attention add up to about 1 % of each tensor's norm.
+    for g, e in zip(got, expected, strict=True):
+        assert _rel_norm_err(g, e) < 0.03
+
+
+@pytest.mark.parametrize("impl", ["simple", "chunked", "sdpa"])
+def test_autocast_functional_core_mixed_dtypes(impl: str) -> None:
+    """bfloat16 q/k/v with float32 tables: the case whose chunked backward used to fail."""
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(2, n, 5, 6, requires_grad=True) for n in (8, 8, 6))
+    rel_w, rel_h = (torch.randn(2 * n - 1, 4, requires_grad=True) for n in (6, 5))
+    grad = torch.randn(2, 6, 5, 6)
+    inputs = [q, k, v, rel_w, rel_h]
+    expected = relative_attention(q, k, v, 2, rel_w, rel_h, impl="simple")
+    expected_grads = torch.autograd.grad(expected, inputs, grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = [t.bfloat16() for t in (q, k, v)]
+        out = relative_attention(*low, 2, rel_w, rel_h, impl=impl, chunk_rows=2)
+    assert out.dtype == torch.bfloat16
+    grads = torch.autograd.grad(out, inputs, grad)
+    assert _rel_norm_err(out, expected) < 0.02
+    for g, e in zip(grads, expected_grads, strict=True):
+        assert _rel_norm_err(g, e) < 0.02
+
+
+@pytest.mark.parametrize("impl", ["simple", "chunked", "sdpa"])
+def test_autocast_float16_logits_do_not_overflow(impl: str) -> None:
+    """Logits of ~1e5 exceed float16's 65504: the float32 attention must still be exact."""
+    torch.manual_seed(3)
+    q = (300 * torch.randn(1, 4, 3, 4)).half()
+    k = (300 * torch.randn(1, 4, 3, 4)).half()
+    v = torch.randn(1, 4, 3, 4).half()
+    rel_w, rel_h = 30 * torch.randn(7, 2), 30 * torch.randn(5, 2)
+    expected = relative_attention(
+        q.double(), k.double(), v.double(), 2, rel_w.double(), rel_h.double(), impl="simple"
+    )
+    assert expected.abs().max() > 0
+    with torch.autocast("cpu", dtype=torch.float16):
+        got = relative_attention(q, k, v, 2, rel_w, rel_h, impl=impl, chunk_rows=1)
+    assert got.dtype == torch.float16 and torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), expected, rtol=2e-3, atol=2e-3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,3 +604,53 @@ def test_cuda_matches_cpu(impl: str) -> None:
     gpu = _forward_and_grads(layer, x.cuda(), grad.cuda())
     for g, c in zip(gpu, cpu, strict=True):
         torch.testing.assert_close(g.cpu(), c, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("impl", ["simple", "chunked", "sdpa", "flex"])
+def test_cuda_float16_autocast_matches_float32(impl: str) -> None:
+    layer = _layer(stride=1, dk=8, dv=6).float().cuda()
+    x = torch.randn(2, layer.in_channels, 9, 8, device="cuda")
+    grad = torch.randn(2, 10, 9, 8, device="cuda")
+    layer.attention_impl = "simple"
+    expected = _forward_and_grads(layer, x, grad)
+    layer.attention_impl, layer.chunk_rows = impl, 2
+    with torch.autocast("cuda", dtype=torch.float16):
+        got = _forward_and_grads(layer, x, grad)
+    assert got[0].dtype == torch.float16
+    for g, e in zip(got, expected, strict=True):
+        assert torch.isfinite(g).all()
+        assert _rel_norm_err(g, e) < 0.01
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("relative", [True, False])
+def test_cuda_flex_equals_reference(relative: bool) -> None:
+    """flex_attention's score_mod path == the brute-force loops, forward and gradients."""
+    layer = _layer(stride=2, relative=relative, dk=8, dv=6)  # float64 on CPU: the reference
+    x = torch.randn(2, layer.in_channels, 9, 8, dtype=torch.float64)
+    grad = torch.randn(2, 10, 5, 4, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), reference_forward(layer, x), rtol=1e-5, atol=1e-5)
+    expected = _forward_and_grads(layer, x, grad)
+    layer = layer.float().cuda()
+    layer.attention_impl = "flex"
+    got = _forward_and_grads(layer, x.float().cuda(), grad.float().cuda())
+    for g, e in zip(got, expected, strict=True):
+        assert _rel_norm_err(g.cpu(), e) < 1e-4
+
+
+def test_meta_device_shapes() -> None:
+    """Shape-only runs on the meta device (used for cost counting) take every CPU path."""
+    q, v = torch.randn(2, 8, 5, 6, device="meta"), torch.randn(2, 6, 5, 6, device="meta")
+    rel_w, rel_h = torch.randn(11, 4, device="meta"), torch.randn(9, 4, device="meta")
+    for impl in ("auto", "simple", "sdpa"):
+        out = relative_attention(q, q, v, 2, rel_w, rel_h, impl=impl)
+        assert out.shape == (2, 6, 5, 6) and out.device.type == "meta"
+
+
+def test_flex_needs_cuda() -> None:
+    q = torch.randn(1, 4, 3, 3)
+    with pytest.raises(ValueError, match="impl='flex' needs CUDA tensors, got device cpu"):
+        relative_attention(q, q, q, 2, impl="flex")

@@ -7,20 +7,27 @@ embeddings, shared by all heads of one layer).
 
 The attention itself lives in one functional core, :func:`relative_attention`, which takes
 q/k/v as feature maps. The static layer and the weight-sharing supernet (which calls it with
-sliced weights) therefore run one implementation. It has two interchangeable paths:
+sliced weights) therefore run one implementation. It has interchangeable paths, all equal to
+the formula in forward and backward:
 
 * ``"simple"``: materialises the ``(B, Nh, HW, HW)`` logits, as the paper's appendix does, but
   adds the relative terms by broadcasting ``(B, Nh, H, W, H)`` and ``(B, Nh, H, W, W)`` tensors
   instead of tiling them to ``(HW, HW)``. Trace-friendly (no data-dependent Python loops); used
-  for ONNX export, inference and tiny problems.
+  for ONNX export and small problems.
 * ``"chunked"``: a custom autograd function that processes a few query rows at a time and
   recomputes each chunk's logits and softmax in backward (flash-attention style), so neither the
-  logits, their gradient nor the softmax output is ever stored whole. Used when gradients are
-  needed and the problem is large (see :func:`relative_attention` for the rule).
+  logits, their gradient nor the softmax output is ever stored whole. The default for training
+  on CPU from small sizes up, and on CUDA where memory limits (see :func:`relative_attention`).
+* ``"sdpa"``: ``F.scaled_dot_product_attention`` with the relative logits as an additive mask.
+* ``"flex"``: CUDA ``flex_attention`` with the relative logits as a score modification.
+
+Everything is computed in the channel-major ``(B*Nh, d, HW)`` layout the 1x1 ``qkv_conv``
+produces, so q, k and v are never permuted into copies; under autocast the core runs in float32.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,16 +49,19 @@ __all__ = [
     "relative_attention",
 ]
 
-ATTENTION_IMPLS = ("auto", "simple", "chunked")
+ATTENTION_IMPLS = ("auto", "simple", "chunked", "sdpa", "flex")
 
-# "auto" switches to the chunked path from this many logits elements, B * Nh * (HW)^2 (8 MiB in
-# float32). Measured with benchmarks/aa_layer.py on one CPU thread (Xeon, torch 2.11): at 2**24.2
-# (28x28, B=4, Nh=8) chunked ran 1.7x faster than simple; at 2**19.2 (14x14, B=4, Nh=4) the
-# simple path was 1.25x faster (per-chunk overhead), so the switch sits between the two.
-_CHUNK_MIN_LOGITS = 1 << 21
-# Target number of logits elements per chunk (B * Nh * rows * W * HW): 128 Ki floats = 512 KiB,
-# about an L2 cache; measured with `benchmarks/aa_layer.py --sweep` (larger chunks were slower).
-_CHUNK_TARGET_LOGITS = 1 << 17
+# "auto" switches to the chunked path on CPU from this many logits elements, B * Nh * (HW)^2.
+# Measured with relative_attention forward+backward, one thread, process CPU time (2-core EPYC
+# shared with other jobs, torch 2.14): 2**15.2 logits (7x7, B=4, Nh=4) simple 2.0 ms, chunked
+# 2.1 ms; 2**16.2 (7x7, Nh=8) 2.7 vs 2.2 ms; 2**19.2 (14x14, Nh=4) 15.0 vs 9.0 ms; 2**24.2
+# (28x28, Nh=8, dkh=3) 515 vs 153 ms. The chunked path's reused buffer and in-place softmax
+# avoid the page faults of fresh (HW)^2 tensors, so it wins from about 2**16.
+_CHUNK_MIN_LOGITS = 1 << 16
+# Target number of logits elements per chunk (B * Nh * rows * W * HW), 2 MiB in float32. Same
+# setup, chunk_rows swept: 14x14 Nh=8: 11.8 / 10.8 / 11.0 ms at 2**16.5 / 2**17.5 / 2**18.5
+# logits per chunk; 28x28 Nh=8: 154 / 178 / 164 ms at 2**19.4 / 2**20.4 / 2**21.4.
+_CHUNK_TARGET_LOGITS = 1 << 19
 # On CUDA the chunked path is launch-bound at these sizes (H100, 28x28, B=4, `--sweep`: simple
 # 4.0 ms, chunked 6.0 ms with 2 chunks and 42.8 ms with 28), so it is used only once the logits
 # would take 256 MiB, where memory rather than speed limits the batch size, with 64 MiB chunks.
@@ -135,120 +145,270 @@ def rel_embedding_matrix(table: Tensor, size: int) -> Tensor:
     return rows[index]  # (size, size, d)
 
 
-def _rel_logits(q5: Tensor, e_h: Tensor | None, e_w: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Relative logits ``(B, Nh, h, W, H)`` (height) and ``(B, Nh, h, W, W)`` (width)."""
-    # q5: (B, Nh, h, W, dkh) for h query rows; e_h: (h, H, dkh); e_w: (W, W, dkh).
-    assert e_h is not None and e_w is not None
-    rel_h = torch.einsum("bnxyd,xkd->bnxyk", q5, e_h)  # (B, Nh, h, W, H)
-    rel_w = torch.einsum("bnxyd,ykd->bnxyk", q5, e_w)  # (B, Nh, h, W, W)
+def _rel_logits(qt4: Tensor, e_h: Tensor, e_w: Tensor) -> tuple[Tensor, Tensor]:
+    """Relative logits ``(BN, h, W, H)`` (height) and ``(BN, h, W, W)`` (width).
+
+    ``qt4`` is ``(BN, dkh, h, W)`` (scaled queries of ``h`` rows, channel-major as the conv
+    produced them); ``e_h`` is ``(h, H, dkh)`` (the rows' slice of the height matrix) and
+    ``e_w`` is ``(W, W, dkh)``. Entry ``[n, x, y, x']`` of the first is ``q(x, y)·r_H[x' - x]``.
+    """
+    rel_h = torch.einsum("ndxy,xkd->nxyk", qt4, e_h)  # (BN, h, W, H)
+    rel_w = torch.einsum("ndxy,ykd->nxyk", qt4, e_w)  # (BN, h, W, W)
     return rel_h, rel_w
 
 
 def _simple_attention(
-    q5: Tensor, k: Tensor, v: Tensor, e_h: Tensor | None, e_w: Tensor | None
+    qt: Tensor, kt: Tensor, vt: Tensor, e_h: Tensor | None, e_w: Tensor | None, h: int, w: int
 ) -> Tensor:
-    """Whole-map attention; q5 ``(B, Nh, H, W, dkh)`` scaled, k/v ``(B, Nh, HW, d)``."""
-    _, nh, h, w, dkh = q5.shape
-    hw = h * w
-    logits = torch.matmul(q5.reshape(-1, nh, hw, dkh), k.transpose(-1, -2))  # (B, Nh, HW, HW)
-    if e_h is not None:
-        rel_h, rel_w = _rel_logits(q5, e_h, e_w)
-        logits = logits.view(-1, nh, h, w, h, w)  # (B, Nh, H, W, H', W')
+    """Whole-map attention in plain autograd ops (traceable); returns ``(BN, HW, dvh)``.
+
+    ``qt`` (scaled), ``kt`` and ``vt`` are ``(BN, d, HW)``: channel-major, the layout of the
+    conv that made them, so that no permute copies them (the matmuls read transposed views).
+    """
+    dkh, hw = qt.shape[1], h * w
+    logits = torch.matmul(qt.transpose(1, 2), kt)  # (BN, HW, HW)
+    if e_h is not None and e_w is not None:
+        rel_h, rel_w = _rel_logits(qt.reshape(-1, dkh, h, w), e_h, e_w)
+        logits = logits.view(-1, h, w, h, w)  # (BN, H, W, H', W')
         logits = logits + rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)
-        logits = logits.reshape(-1, nh, hw, hw)  # (B, Nh, HW, HW)
-    weights = torch.softmax(logits, dim=-1)  # (B, Nh, HW, HW)
-    return torch.matmul(weights, v)  # (B, Nh, HW, dvh)
+        logits = logits.reshape(-1, hw, hw)  # (BN, HW, HW)
+    weights = torch.softmax(logits, dim=-1)  # (BN, HW, HW)
+    return torch.matmul(weights, vt.transpose(1, 2))  # (BN, HW, dvh)
+
+
+def _sdpa_attention(
+    qt: Tensor,
+    kt: Tensor,
+    vt: Tensor,
+    e_h: Tensor | None,
+    e_w: Tensor | None,
+    h: int,
+    w: int,
+    num_heads: int,
+) -> Tensor:
+    """``F.scaled_dot_product_attention`` with the relative logits as an additive float mask.
+
+    The mask is the full ``(BN, HW, HW)`` bias (it needs a gradient, which PyTorch's fused
+    kernels take as a materialised tensor); returns ``(BN, HW, dvh)``.
+    """
+    dkh, dvh, hw = qt.shape[1], vt.shape[1], h * w
+    bias = None
+    if e_h is not None and e_w is not None:
+        rel_h, rel_w = _rel_logits(qt.reshape(-1, dkh, h, w), e_h, e_w)
+        bias = (rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).reshape(-1, num_heads, hw, hw)
+    out = F.scaled_dot_product_attention(
+        qt.transpose(1, 2).reshape(-1, num_heads, hw, dkh),  # (B, Nh, HW, dkh)
+        kt.transpose(1, 2).reshape(-1, num_heads, hw, dkh),
+        vt.transpose(1, 2).reshape(-1, num_heads, hw, dvh),
+        attn_mask=bias,
+        scale=1.0,  # q is already scaled, before the relative logits as in the appendix
+    )  # (B, Nh, HW, dvh)
+    return out.reshape(-1, hw, dvh)
+
+
+@functools.cache
+def _compiled_flex_attention() -> Any:
+    """``flex_attention`` compiled once (eager flex materialises the scores and is slow)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_head_dim(d: int) -> int:
+    """Head size the Triton flex kernels take: a power of two >= 16 (3 -> 16, 24 -> 32)."""
+    return max(16, 1 << (d - 1).bit_length())
+
+
+def _flex_attention(
+    qt: Tensor,
+    kt: Tensor,
+    vt: Tensor,
+    e_h: Tensor | None,
+    e_w: Tensor | None,
+    h: int,
+    w: int,
+    num_heads: int,
+) -> Tensor:
+    """``flex_attention`` (CUDA) with the relative logits as a ``score_mod``; ``(BN, HW, dvh)``.
+
+    The score modification reads the per-query tables ``(B, Nh, HW, H)`` and
+    ``(B, Nh, HW, W)`` at the key's row ``kv // W`` and column ``kv % W``: the full
+    ``(HW)^2`` bias is never built, and flex's backward scatters the tables' gradients. Head
+    sizes are zero-padded to what the kernels take, which changes no dot product.
+    """
+    dkh, dvh, hw = qt.shape[1], vt.shape[1], h * w
+    pad_k, pad_v = _flex_head_dim(dkh) - dkh, _flex_head_dim(dvh) - dvh
+    q = F.pad(qt.transpose(1, 2), (0, pad_k)).reshape(-1, num_heads, hw, dkh + pad_k)
+    k = F.pad(kt.transpose(1, 2), (0, pad_k)).reshape(-1, num_heads, hw, dkh + pad_k)
+    v = F.pad(vt.transpose(1, 2), (0, pad_v)).reshape(-1, num_heads, hw, dvh + pad_v)
+    score_mod = None
+    if e_h is not None and e_w is not None:
+        rel_h, rel_w = _rel_logits(qt.reshape(-1, dkh, h, w), e_h, e_w)
+        rel_h = rel_h.reshape(-1, num_heads, hw, h)  # (B, Nh, HW, H)
+        rel_w = rel_w.reshape(-1, num_heads, hw, w)  # (B, Nh, HW, W)
+
+        def score_mod(score: Tensor, b: Tensor, n: Tensor, qi: Tensor, kv: Tensor) -> Tensor:
+            return score + rel_h[b, n, qi, kv // w] + rel_w[b, n, qi, kv % w]
+
+    out: Tensor = _compiled_flex_attention()(q, k, v, score_mod=score_mod, scale=1.0)
+    return out[..., :dvh].reshape(-1, hw, dvh)  # (BN, HW, dvh)
+
+
+def _rel_rows(q_rows: Tensor, table: Tensor) -> Tensor:
+    """``q·r[o]`` for every offset: ``(BN, n, 2L - 1)``, as the appendix's first step."""
+    return torch.matmul(q_rows, table.t())  # (BN, n, dkh) @ (dkh, 2L-1)
+
+
+def _abs_view(rel: Tensor, c: int, w: int, height: bool, r0: int) -> Tensor:
+    """The appendix's ``rel_to_abs`` as a strided view of ``(BN, c*W, 2L - 1)`` logits.
+
+    For query ``(x, y)`` of the chunk (global row ``r0 + x``) and key column ``y'`` the width
+    logit sits at ``rel[n, x*W + y, y' - y + W - 1]``: flat offset
+    ``x*W*(2W-1) + y*(2W-2) + y' + (W-1)``, all strides positive. The height logit for key
+    row ``x'`` sits at ``rel[n, x*W + y, x' - (r0 + x) + H - 1]``: offset
+    ``x*(W*(2H-1) - 1) + y*(2H-1) + x' + (H-1-r0)``. Both maps are one-to-one (distinct
+    ``(x, y, key)`` hit distinct entries), so gradients can be written through the same view.
+    Example: W = 3, width: the view's rows for y = 0, 1, 2 start at offsets 2, 6, 10 of
+    rows of 5, i.e. columns 2, 1, 0: offsets 0, -1, -2 for key column 0.
+
+    Returns:
+        ``(BN, c, W, H)`` (height) or ``(BN, c, W, W)`` (width) view of ``rel``.
+    """
+    bn, n, m = rel.shape
+    size = (m + 1) // 2  # H for the height table, W for the width table
+    if height:
+        strides = (n * m, w * m - 1, m, 1)
+        offset = size - 1 - r0
+    else:
+        strides = (n * m, w * m, m - 1, 1)
+        offset = size - 1
+    return rel.as_strided((bn, c, w, size), strides, rel.storage_offset() + offset)
 
 
 def _chunk_probs(
-    q5: Tensor,
-    k: Tensor,
-    e_h: Tensor | None,
-    e_w: Tensor | None,
+    qt: Tensor,
+    kt: Tensor,
+    t_h: Tensor | None,
+    t_w: Tensor | None,
+    w: int,
     r0: int,
     r1: int,
-) -> tuple[Tensor, Tensor]:
-    """Softmax weights of query rows ``r0:r1``: ``(B, Nh, c*W, HW)``, plus the chunk's q."""
-    _, nh, h, w, dkh = q5.shape
-    qc5 = q5[:, :, r0:r1]  # (B, Nh, c, W, dkh), contiguous per (b, n)
-    logits = torch.matmul(qc5.reshape(-1, nh, (r1 - r0) * w, dkh), k.transpose(-1, -2))
-    if e_h is not None:
-        rel_h, rel_w = _rel_logits(qc5, e_h[r0:r1], e_w)
-        logits6 = logits.view(-1, nh, r1 - r0, w, h, w)  # (B, Nh, c, W, H', W')
-        logits6.add_(rel_h.unsqueeze(-1)).add_(rel_w.unsqueeze(-2))
-    return torch.softmax(logits, dim=-1), qc5  # (B, Nh, c*W, HW)
+    buf: Tensor,
+) -> Tensor:
+    """Softmax weights ``(BN, c*W, HW)`` of query rows ``r0:r1``, written into ``buf``.
+
+    One reused buffer instead of fresh chunk-sized tensors: large CPU allocations are mmapped
+    and page-faulted anew on every call, which cost more than the arithmetic here. The bias is
+    written first and the content logits accumulated onto it (``baddbmm_``), then the softmax
+    runs in place (on CPU, where PyTorch's row-wise kernel allows it).
+    """
+    bn, _, hw = qt.shape
+    h, c = hw // w, r1 - r0
+    q_rows = qt[:, :, r0 * w : r1 * w].transpose(1, 2)  # (BN, c*W, dkh) view
+    logits = buf[: bn * c * w * hw].view(bn, c * w, hw)  # (BN, c*W, HW)
+    if t_h is not None and t_w is not None:
+        rel_h = _abs_view(_rel_rows(q_rows, t_h), c, w, True, r0)  # (BN, c, W, H)
+        rel_w = _abs_view(_rel_rows(q_rows, t_w), c, w, False, r0)  # (BN, c, W, W)
+        torch.add(rel_h.unsqueeze(-1), rel_w.unsqueeze(-2), out=logits.view(bn, c, w, h, w))
+        logits.baddbmm_(q_rows, kt)
+    else:
+        torch.bmm(q_rows, kt, out=logits)
+    if logits.is_cuda:
+        return torch.softmax(logits, dim=-1)
+    return torch.ops.aten._softmax.out(logits, -1, False, out=logits)  # type: ignore[no-any-return]
 
 
 class _ChunkedRelAttention(torch.autograd.Function):
     """Query-row-chunked relative attention that recomputes each chunk in backward.
 
-    Saves only q, k, v, the output and the two small embedding matrices; the backward pass
+    Saves only q, k, v, the output and the two small relative tables; the backward pass
     recomputes one chunk's softmax at a time (the flash-attention recipe,
     ``dS = P * (dP - rowsum(dO * O))``), so peak memory holds one chunk of logits instead of
-    the full ``(B, Nh, HW, HW)`` logits, their gradient and the softmax.
+    the full ``(B, Nh, HW, HW)`` logits, their gradient and the softmax. Every matmul reads
+    its operands in the layout BLAS is fast for with these skinny heads (``dkh``, ``dvh`` of
+    2-24): measured on CPU, ``P @ v`` with v as a transposed view of ``(dvh, HW)`` ran 6x
+    faster than with a contiguous ``(HW, dvh)`` v, and ``dv^T += dO^T @ P`` 4-6x faster than
+    ``dv += P^T @ dO``. The relative logits are one dense matmul against the ``2L - 1`` table
+    rows plus a strided view (:func:`_abs_view`), not per-row einsums with the ``(L, L, d)``
+    matrices, whose small batched matmuls cost a third of the step (torch.profiler).
+
+    Autocast: :func:`relative_attention` runs this in float32 (inputs cast, autocast off), so
+    q, k, v and the tables always share one dtype here.
     """
 
     @staticmethod
     def forward(
         ctx: FunctionCtx,
-        q5: Tensor,
-        k: Tensor,
-        v: Tensor,
-        e_h: Tensor | None,
-        e_w: Tensor | None,
+        qt: Tensor,
+        kt: Tensor,
+        vt: Tensor,
+        t_h: Tensor | None,
+        t_w: Tensor | None,
+        w: int,
         rows: int,
     ) -> Tensor:
-        b, nh, h, w, _ = q5.shape
-        out = v.new_empty(b, nh, h * w, v.shape[-1])  # (B, Nh, HW, dvh)
+        bn, _, hw = qt.shape
+        h, dvh = hw // w, vt.shape[1]
+        out_t = vt.new_empty(bn, dvh, hw)  # (BN, dvh, HW), the layout the caller returns
+        buf = qt.new_empty(bn * min(rows, h) * w * hw)
+        v_rows = vt.transpose(1, 2)  # (BN, HW, dvh) view
         for r0 in range(0, h, rows):
             r1 = min(h, r0 + rows)
-            probs, _ = _chunk_probs(q5, k, e_h, e_w, r0, r1)  # (B, Nh, c*W, HW)
-            out[:, :, r0 * w : r1 * w] = torch.matmul(probs, v)  # (B, Nh, c*W, dvh)
-        rel = () if e_h is None or e_w is None else (e_h, e_w)
-        ctx.save_for_backward(q5, k, v, out, *rel)
-        ctx.rows = rows  # type: ignore[attr-defined]
-        return out
+            probs = _chunk_probs(qt, kt, t_h, t_w, w, r0, r1, buf)  # (BN, c*W, HW)
+            out_t[:, :, r0 * w : r1 * w] = torch.bmm(probs, v_rows).transpose(1, 2)
+        rel = () if t_h is None or t_w is None else (t_h, t_w)
+        ctx.save_for_backward(qt, kt, vt, out_t, *rel)
+        ctx.w, ctx.rows = w, rows  # type: ignore[attr-defined]
+        return out_t
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        q5, k, v, out, *rel = ctx.saved_tensors
-        e_h, e_w = rel if rel else (None, None)
-        rows: int = ctx.rows
-        _, nh, h, w, dkh = q5.shape
-        grad_out = grad_out.contiguous()
-        delta = (grad_out * out).sum(-1, keepdim=True)  # (B, Nh, HW, 1)
-        grad_q = torch.empty_like(q5)  # (B, Nh, H, W, dkh)
-        grad_k = torch.zeros_like(k)  # (B, Nh, HW, dkh)
-        grad_v = torch.zeros_like(v)  # (B, Nh, HW, dvh)
-        relative = bool(rel)
-        grad_e_h = torch.zeros_like(rel[0]) if relative else None  # (H, H, dkh)
-        grad_e_w = torch.zeros_like(rel[1]) if relative else None  # (W, W, dkh)
+        qt, kt, vt, out_t, *rel = ctx.saved_tensors
+        t_h, t_w = rel if rel else (None, None)
+        w, rows = ctx.w, ctx.rows
+        bn, dkh, hw = qt.shape
+        h = hw // w
+        g_t = grad_out.contiguous()  # (BN, dvh, HW)
+        delta = (g_t * out_t).sum(1)  # (BN, HW): rowsum(dO * O) per query
+        grad_qt = torch.empty_like(qt)  # (BN, dkh, HW)
+        grad_kt = torch.zeros_like(kt)  # (BN, dkh, HW)
+        grad_vt = torch.zeros_like(vt)  # (BN, dvh, HW)
+        # Table gradients transposed, (dkh, 2L - 1), summed over the batch at the end.
+        grad_th = qt.new_zeros(bn, dkh, 2 * h - 1) if t_h is not None else None
+        grad_tw = qt.new_zeros(bn, dkh, 2 * w - 1) if t_w is not None else None
+        n_max = min(rows, h) * w
+        buf = qt.new_empty(bn * n_max * hw)
+        buf_grad = qt.new_empty(bn * n_max * hw)
+        k_rows = kt.transpose(1, 2)  # (BN, HW, dkh) view
         for r0 in range(0, h, rows):
             r1 = min(h, r0 + rows)
             c, sl = r1 - r0, slice(r0 * w, r1 * w)
-            probs, qc5 = _chunk_probs(q5, k, e_h, e_w, r0, r1)  # (B, Nh, c*W, HW)
-            grad_oc = grad_out[:, :, sl]  # (B, Nh, c*W, dvh)
-            grad_v.add_(torch.matmul(probs.transpose(-1, -2), grad_oc))
-            grad_s = torch.matmul(grad_oc, v.transpose(-1, -2))  # (B, Nh, c*W, HW)
-            grad_s.sub_(delta[:, :, sl]).mul_(probs)  # softmax backward, in place
-            del probs
-            qc = qc5.reshape(-1, nh, c * w, dkh)  # (B, Nh, c*W, dkh)
-            grad_qc = torch.matmul(grad_s, k)  # (B, Nh, c*W, dkh)
-            grad_k.add_(torch.matmul(grad_s.transpose(-1, -2), qc))
-            if relative:
-                assert e_h is not None and e_w is not None
-                assert grad_e_h is not None and grad_e_w is not None
-                grad_s6 = grad_s.view(-1, nh, c, w, h, w)  # (B, Nh, c, W, H', W')
-                grad_rel_h = grad_s6.sum(-1)  # (B, Nh, c, W, H)
-                grad_rel_w = grad_s6.sum(-2)  # (B, Nh, c, W, W)
-                grad_qc5 = grad_qc.view(-1, nh, c, w, dkh)  # (B, Nh, c, W, dkh)
-                grad_qc5.add_(torch.einsum("bnxyk,xkd->bnxyd", grad_rel_h, e_h[r0:r1]))
-                grad_qc5.add_(torch.einsum("bnxyk,ykd->bnxyd", grad_rel_w, e_w))
-                grad_e_h[r0:r1] = torch.einsum("bnxyk,bnxyd->xkd", grad_rel_h, qc5)
-                grad_e_w.add_(torch.einsum("bnxyk,bnxyd->ykd", grad_rel_w, qc5))
-            grad_q[:, :, r0:r1] = grad_qc.view(-1, nh, c, w, dkh)
-        return grad_q, grad_k, grad_v, grad_e_h, grad_e_w, None
+            probs = _chunk_probs(qt, kt, t_h, t_w, w, r0, r1, buf)  # (BN, c*W, HW)
+            g_c = g_t[:, :, sl]  # (BN, dvh, c*W)
+            grad_vt.baddbmm_(g_c, probs)  # dv^T += dO^T P
+            grad_s = buf_grad[: bn * c * w * hw].view(bn, c * w, hw)  # (BN, c*W, HW)
+            # dS = P * (dP - delta), dP = dO v^T: the subtraction rides on the matmul.
+            torch.baddbmm(-delta[:, sl].unsqueeze(-1), g_c.transpose(1, 2), vt, out=grad_s)
+            grad_s.mul_(probs)
+            q_c = qt[:, :, sl]  # (BN, dkh, c*W)
+            grad_kt.baddbmm_(q_c, grad_s)  # dk^T += q^T dS
+            grad_qc = torch.bmm(grad_s, k_rows)  # (BN, c*W, dkh): dq = dS k
+            if t_h is not None and t_w is not None:
+                assert grad_th is not None and grad_tw is not None
+                grad_s5 = grad_s.view(bn, c, w, h, w)  # (BN, c, W, H', W')
+                for table, grad_t, height, dim in (
+                    (t_h, grad_th, True, -1),
+                    (t_w, grad_tw, False, -2),
+                ):
+                    grad_rel = grad_s.new_zeros(bn, c * w, table.shape[0])  # (BN, c*W, 2L-1)
+                    _abs_view(grad_rel, c, w, height, r0).copy_(grad_s5.sum(dim))
+                    grad_qc.add_(torch.matmul(grad_rel, table))  # (BN, c*W, dkh)
+                    grad_t.baddbmm_(q_c, grad_rel)  # (BN, dkh, 2L-1)
+            grad_qt[:, :, sl] = grad_qc.transpose(1, 2)
+        grad_t_h = grad_th.sum(0).t() if grad_th is not None else None  # (2H-1, dkh)
+        grad_t_w = grad_tw.sum(0).t() if grad_tw is not None else None  # (2W-1, dkh)
+        return grad_qt, grad_kt, grad_vt, grad_t_h, grad_t_w, None, None
 
 
 def _auto_chunk_rows(batch: int, num_heads: int, height: int, width: int, cuda: bool) -> int:
@@ -265,6 +425,20 @@ def _exporting() -> bool:
         or torch.onnx.is_in_onnx_export()
         or torch.compiler.is_compiling()
     )
+
+
+def _auto_impl(q: Tensor, logits: int, needs_grad: bool) -> str:
+    """The path ``impl="auto"`` takes (see :func:`relative_attention`).
+
+    Without a gradient the simple path serves inference on every device: it is what
+    ``aanas.cost.reference_macs`` counts with FlopCounterMode (the chunked path's relative
+    logits multiply the whole ``2L - 1`` tables, so its MAC count differs).
+    """
+    if _exporting() or not needs_grad:
+        return "simple"
+    if q.is_cuda:
+        return "chunked" if logits >= _CHUNK_MIN_LOGITS_CUDA else "simple"
+    return "chunked" if logits >= _CHUNK_MIN_LOGITS else "simple"
 
 
 def relative_attention(
@@ -289,11 +463,26 @@ def relative_attention(
     ``h``, and the output keeps that layout. ``W^O`` (``attn_out``) is not applied here, so that
     a supernet can slice it separately.
 
-    Path selection (``impl``): ``"simple"`` materialises the full logits; ``"chunked"`` runs
-    the recompute-in-backward autograd function over chunks of ``chunk_rows`` query rows;
-    ``"auto"`` takes ``"chunked"`` when grad is enabled, some input requires grad, the logits
-    would hold at least 2**21 elements (``B * Nh * (HW)^2``; 2**26 on CUDA), and no
-    tracing/ONNX export/compilation is running; otherwise ``"simple"``.
+    Paths (``impl``), all equal to the formula in forward and backward:
+
+    * ``"simple"``: materialises the ``(B, Nh, HW, HW)`` logits in plain autograd ops;
+      traceable, so export always takes it.
+    * ``"chunked"``: a custom autograd function over chunks of ``chunk_rows`` query rows that
+      recomputes each chunk's softmax in backward; never holds the full logits.
+    * ``"sdpa"``: ``F.scaled_dot_product_attention`` with the relative logits as an additive
+      float mask (materialised, since it needs a gradient). Never chosen by ``"auto"``: on
+      CPU it measured slower than ``"chunked"`` at every size tried (28x28: 571 vs 153 ms).
+    * ``"flex"``: CUDA only, ``torch.nn.attention.flex_attention`` (compiled) with the relative
+      logits as a score modification reading ``(HW, H)`` and ``(HW, W)`` per-query tables;
+      never builds an ``(HW)^2`` tensor. Opt-in: it could not be run where this was written.
+    * ``"auto"``: ``"simple"`` while tracing/exporting/compiling or when no gradient is
+      needed; otherwise ``"chunked"`` from ``2**16`` logits (``B * Nh * (HW)^2``) on CPU and
+      from ``2**26`` on CUDA, else ``"simple"``.
+
+    Mixed precision: under autocast the attention runs in float32 with autocast off (q, k, v
+    and the tables cast up) and the result is cast back to q's dtype, so the summed content +
+    relative logits and the softmax never overflow float16 and every path's backward sees
+    one dtype. The projections around it (``qkv_conv``, ``attn_out``) stay in low precision.
 
     Args:
         q: ``(B, dk, H, W)`` queries, **unscaled** (the scale is applied here, so callers with
@@ -304,15 +493,15 @@ def relative_attention(
         key_rel_w: ``(2*max_W - 1, dk / Nh)`` width embeddings, or None for no position terms.
         key_rel_h: ``(2*max_H - 1, dk / Nh)`` height embeddings; given iff ``key_rel_w`` is.
             Tables made for a larger map are fine: their central rows are used.
-        impl: ``"auto"``, ``"simple"`` or ``"chunked"``.
+        impl: one of ``"auto"``, ``"simple"``, ``"chunked"``, ``"sdpa"``, ``"flex"``.
         chunk_rows: query rows per chunk for the chunked path; None picks chunks of about
-            2**17 logits (2**24 on CUDA).
+            2**19 logits (2**24 on CUDA).
 
     Returns:
-        ``(B, dv, H, W)`` attention output before ``attn_out``.
+        ``(B, dv, H, W)`` attention output before ``attn_out``, in q's dtype.
 
     Raises:
-        ValueError: on inconsistent shapes, head counts or ``impl``.
+        ValueError: on inconsistent shapes, head counts or ``impl`` (``"flex"`` off CUDA).
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
@@ -328,45 +517,79 @@ def relative_attention(
         raise ValueError("key_rel_w and key_rel_h must both be given or both be None")
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    dkh, dvh, hw = dk // num_heads, dv // num_heads, h * w
-
-    # Scaling before both the content and the relative logits, as in the appendix code.
-    q5 = q.reshape(-1, num_heads, dkh, h, w).permute(0, 1, 3, 4, 2)  # (B, Nh, H, W, dkh)
-    q5 = q5 * dkh**-0.5
-    k_ = k.reshape(-1, num_heads, dkh, hw).transpose(-1, -2)  # (B, Nh, HW, dkh)
-    v_ = v.reshape(-1, num_heads, dvh, hw).transpose(-1, -2)  # (B, Nh, HW, dvh)
-    e_h = e_w = None
+    if impl == "flex" and not q.is_cuda:
+        raise ValueError(f"impl='flex' needs CUDA tensors, got device {q.device}")
+    dkh = dk // num_heads
     if key_rel_w is not None and key_rel_h is not None:
         for name, table in (("key_rel_w", key_rel_w), ("key_rel_h", key_rel_h)):
             if table.dim() != 2 or table.shape[1] != dkh:
                 raise ValueError(f"{name} must be (2*max - 1, dk/Nh={dkh}), got {table.shape}")
-        e_h = rel_embedding_matrix(key_rel_h, h)  # (H, H, dkh)
-        e_w = rel_embedding_matrix(key_rel_w, w)  # (W, W, dkh)
 
+    device_type = q.device.type
+    # The meta device (shape-only cost counting) has no autocast, and asking raises.
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        # Float32 inside autocast: fp16 logits overflow, and a custom backward must not mix
+        # dtypes (the float32 tables against bfloat16 q failed before this).
+        with torch.autocast(device_type, enabled=False):
+            rel_w = None if key_rel_w is None else key_rel_w.float()
+            rel_h = None if key_rel_h is None else key_rel_h.float()
+            out = _relative_attention(
+                q.float(), k.float(), v.float(), num_heads, rel_w, rel_h, impl, chunk_rows
+            )
+        return out.to(q.dtype)
+    return _relative_attention(q, k, v, num_heads, key_rel_w, key_rel_h, impl, chunk_rows)
+
+
+def _relative_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    num_heads: int,
+    key_rel_w: Tensor | None,
+    key_rel_h: Tensor | None,
+    impl: str,
+    chunk_rows: int | None,
+) -> Tensor:
+    """:func:`relative_attention` after its checks, in one dtype."""
+    b, dk, h, w = q.shape
+    dv, hw = v.shape[1], h * w
+    dkh, dvh = dk // num_heads, dv // num_heads
+    # Channel-major per head, as the conv produced them; scaling before both the content and
+    # the relative logits, as in the appendix code.
+    qt = q.reshape(-1, dkh, hw) * dkh**-0.5  # (BN, dkh, HW), BN = B * Nh
+    kt = k.reshape(-1, dkh, hw)  # (BN, dkh, HW)
+    vt = v.reshape(-1, dvh, hw)  # (BN, dvh, HW)
     if impl == "auto":
         # Short-circuit order matters: under torch.export the batch is symbolic, so the size
-        # test must not run while exporting.
-        use_chunked = (
-            not _exporting()
-            and torch.is_grad_enabled()
-            and any(t is not None and t.requires_grad for t in (q, k, v, key_rel_w, key_rel_h))
-            and b * num_heads * hw * hw
-            >= (_CHUNK_MIN_LOGITS_CUDA if q.is_cuda else _CHUNK_MIN_LOGITS)
+        # is only computed when not exporting.
+        exporting = _exporting()
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, key_rel_w, key_rel_h)
         )
-        impl = "chunked" if use_chunked else "simple"
+        logits = 0 if exporting else b * num_heads * hw * hw
+        impl = "simple" if exporting else _auto_impl(q, logits, needs_grad)
 
+    if impl == "chunked":
+        rows = chunk_rows or _auto_chunk_rows(b, num_heads, h, w, q.is_cuda)
+        t_h = t_w = None
+        if key_rel_w is not None and key_rel_h is not None:
+            t_h = central_rel_rows(key_rel_h, h)  # (2H - 1, dkh)
+            t_w = central_rel_rows(key_rel_w, w)  # (2W - 1, dkh)
+        out_t: Tensor = _ChunkedRelAttention.apply(
+            qt.contiguous(), kt.contiguous(), vt.contiguous(), t_h, t_w, w, min(rows, h)
+        )  # (BN, dvh, HW)
+        return out_t.reshape(-1, dv, h, w)  # (B, dv, H, W): a view, heads are channel blocks
+    e_h = e_w = None
+    if key_rel_w is not None and key_rel_h is not None:
+        e_h = rel_embedding_matrix(key_rel_h, h)  # (H, H, dkh)
+        e_w = rel_embedding_matrix(key_rel_w, w)  # (W, W, dkh)
     if impl == "simple":
-        out = _simple_attention(q5, k_, v_, e_h, e_w)  # (B, Nh, HW, dvh)
+        out = _simple_attention(qt, kt, vt, e_h, e_w, h, w)  # (BN, HW, dvh)
+    elif impl == "sdpa":
+        out = _sdpa_attention(qt, kt, vt, e_h, e_w, h, w, num_heads)
     else:
-        rows = (
-            chunk_rows
-            if chunk_rows is not None
-            else _auto_chunk_rows(b, num_heads, h, w, q.is_cuda)
-        )
-        out = _ChunkedRelAttention.apply(
-            q5.contiguous(), k_.contiguous(), v_.contiguous(), e_h, e_w, min(rows, h)
-        )  # (B, Nh, HW, dvh)
-    return out.transpose(-1, -2).reshape(-1, dv, h, w)  # (B, dv, H, W)
+        out = _flex_attention(qt, kt, vt, e_h, e_w, h, w, num_heads)
+    return out.transpose(1, 2).reshape(-1, dv, h, w)  # (B, dv, H, W)
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
