@@ -135,6 +135,8 @@ def _quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.simplefilter("ignore", FutureWarning)
+        # ask()/tell() with an RDB heartbeat: this engine records the heartbeats itself
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
         yield
 
 
@@ -550,12 +552,11 @@ class OptunaEngine(SearchEngine):
         trial = claim.trial
         with self._active_lock:
             self._active[trial.number] = trial
-        try:
-            result = self._evaluate(claim)
-            self._tell(trial, result)
-        finally:
-            with self._active_lock:
-                self._active.pop(trial.number, None)
+        # On an exception (Ctrl-C, SIGTERM) the trial stays in _active for interrupt().
+        result = self._evaluate(claim)
+        self._tell(trial, result)
+        with self._active_lock:
+            self._active.pop(trial.number, None)
         if self.on_trial is not None:
             self.on_trial(result)
 
