@@ -63,17 +63,21 @@ WORKER = textwrap.dedent(
 
     sn.train_supernet = logged_train
     (log_dir / f"ready-{{os.getpid()}}").touch()
-    while not (log_dir / "go").exists():
+    go = Path({go!r})
+    while not go.exists():
         time.sleep(0.01)
     sys.exit(main(sys.argv[1:]))
     """
 )
 
 
-def start_workers(n: int, args: list[str], log_dir: Path, *, sleep: float = 0.05) -> list:
-    """Start ``n`` worker processes and release them together; returns the Popen objects."""
+def start_workers(
+    n: int, args: list[str], log_dir: Path, *, sleep: float = 0.05, go: Path | None = None
+) -> list:
+    """Start ``n`` worker processes of one command and release them together (or, with ``go``,
+    leave them waiting for that file); returns the Popen objects."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    code = WORKER.format(log_dir=str(log_dir), sleep=sleep)
+    code = WORKER.format(log_dir=str(log_dir), sleep=sleep, go=str(go or log_dir / "go"))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     procs = [
         subprocess.Popen(
@@ -92,7 +96,8 @@ def start_workers(n: int, args: list[str], log_dir: Path, *, sleep: float = 0.05
             assert p.poll() is None, p.stdout.read()
         assert time.time() < deadline, "workers did not start"
         time.sleep(0.05)
-    (log_dir / "go").touch()
+    if go is None:
+        (log_dir / "go").touch()
     return procs
 
 

@@ -512,10 +512,9 @@ class OptunaEngine(SearchEngine):
                 trial.report(accuracy, epoch)
                 return bool(trial.should_prune())
 
-        with self._heartbeat(trial):
-            return self.objective.evaluate_spec(
-                claim.spec, number=trial.number, params=claim.params, report=report
-            )
+        return self.objective.evaluate_spec(
+            claim.spec, number=trial.number, params=claim.params, report=report
+        )
 
     def _tell(self, trial: Any, result: TrialResult) -> None:
         """Record ``result`` on the trial and finish it in the storage."""
@@ -553,8 +552,26 @@ class OptunaEngine(SearchEngine):
         with self._active_lock:
             self._active[trial.number] = trial
         # On an exception (Ctrl-C, SIGTERM) the trial stays in _active for interrupt().
-        result = self._evaluate(claim)
-        self._tell(trial, result)
+        with self._heartbeat(trial):  # also while waiting for a twin trial
+            result = self._evaluate(claim)
+        try:
+            self._tell(trial, result)
+        except Exception as exc:
+            import optuna
+
+            if not isinstance(exc, optuna.exceptions.UpdateFinishedTrialError):
+                raise
+            # Another worker saw no heartbeat for grace_s (an overloaded machine) and marked
+            # the trial lost: it stays lost and uncounted, so the study still ends exact.
+            _LOG.warning(
+                "trial %d was marked lost by another worker (no heartbeat for %d s); its "
+                "result is dropped (raise --set grace_s=... on a loaded machine)",
+                trial.number,
+                self.recipe.grace_s,
+            )
+            with self._active_lock:
+                self._active.pop(trial.number, None)
+            return
         with self._active_lock:
             self._active.pop(trial.number, None)
         if self.on_trial is not None:
