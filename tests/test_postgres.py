@@ -97,8 +97,9 @@ def _rdb(url: str):
     return optuna.storages.RDBStorage(url)
 
 
+@pytest.mark.slow
 def test_three_workers_on_postgresql_then_resume_after_a_kill(tmp_path, postgres_url):
-    trials = 12
+    trials = 9
     common = ["--storage", postgres_url, "--study-name", "pg-study", "--no-progress",
               "--supernet-epochs", "1", "--set", "heartbeat_s=1", "--set", "grace_s=4"]  # fmt: skip
 

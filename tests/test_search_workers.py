@@ -146,6 +146,7 @@ def check_study(study, trials: int, evaluated: list[str]) -> list:
     return fts
 
 
+@pytest.mark.slow
 def test_three_workers_started_together_share_one_run_dir(tmp_path):
     out = tmp_path / "run"
     trials = 12
