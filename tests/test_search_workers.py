@@ -182,9 +182,9 @@ def test_worker_seeds_differ_and_first_is_the_recipe_seed():
     assert seeds[0] == 7 and len(set(seeds)) == 50
 
 
-def test_sigterm_marks_the_running_trial_and_rewrites_the_files(tmp_path):
+def test_sigterm_marks_the_running_trial_then_a_rerun_ends_exact(tmp_path):
     out = tmp_path / "run"
-    args = ["search", "--out", str(out), "--trials", "50", "--no-progress",
+    args = ["search", "--out", str(out), "--trials", "6", "--no-progress",
             "--evaluator", "train"]  # fmt: skip
     (proc,) = start_workers(1, args, tmp_path / "logs", sleep=0.5)
     deadline = time.time() + 60
@@ -195,15 +195,28 @@ def test_sigterm_marks_the_running_trial_and_rewrites_the_files(tmp_path):
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 143, output
-    assert "interrupted by SIGTERM" in output
+    assert "interrupted by SIGTERM" in output and "run the same command to resume" in output
     records = read_jsonl(out / "trials.jsonl")
     study = load_study(journal(out / "study.journal"), out.resolve().name)
     assert [(r.number, r.state) for r in records] == [
         (t.number, t.state.name) for t in study.get_trials(deepcopy=False)
     ]
-    last = records[-1]
-    assert last.state == "FAIL" and last.error.startswith("interrupted by SIGTERM"), last
+    interrupted = records[-1]
+    assert interrupted.state == "FAIL" and interrupted.error.startswith("interrupted by SIGTERM")
     assert "RUNNING" not in {r.state for r in records}
+    # the same command again: the study ends with exactly 6 counted trials
+    wait_all(start_workers(1, args, tmp_path / "logs2", sleep=0.0))
+    from aanas.search.optuna_engine import counted
+
+    fts = study.get_trials(deepcopy=False)
+    assert sum(counted(t) for t in fts) == 6 and len(fts) == 7
+    assert fts[interrupted.number].state.name == "FAIL"
+    final = read_jsonl(out / "trials.jsonl")
+    assert [(r.number, r.state) for r in final] == [(t.number, t.state.name) for t in fts]
+    assert (
+        "lost or interrupted trials (not counted, replaced by new ones): 1"
+        in (out / "summary.md").read_text()
+    )
 
 
 class CountingEvaluator:

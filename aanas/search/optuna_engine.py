@@ -433,6 +433,8 @@ class OptunaEngine(SearchEngine):
                 return None
             with _quiet():
                 trial = study.ask()
+            with self._active_lock:  # from here on, an interrupt marks it
+                self._active[trial.number] = trial
             trial.set_user_attr(_ATTR_WORKER, self.worker)
             if not self._local_files:
                 study._storage.record_heartbeat(trial._trial_id)
@@ -549,8 +551,6 @@ class OptunaEngine(SearchEngine):
 
     def _run_one(self, claim: _Claim) -> None:
         trial = claim.trial
-        with self._active_lock:
-            self._active[trial.number] = trial
         # On an exception (Ctrl-C, SIGTERM) the trial stays in _active for interrupt().
         with self._heartbeat(trial):  # also while waiting for a twin trial
             result = self._evaluate(claim)
@@ -637,6 +637,9 @@ class OptunaEngine(SearchEngine):
                     "SIGINT (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__
                 )
                 marked = self.interrupt(f"interrupted by {name}: not counted, rerun to resume")
+                with contextlib.suppress(Exception), self._claim_lock:
+                    # a trial asked for just as the signal came, before it had a worker
+                    self._fail_lost(study, study.get_trials(deepcopy=False))
                 if marked:
                     _LOG.warning(
                         "%s: trial(s) %s marked FAIL (interrupted, not counted)",

@@ -97,18 +97,26 @@ class _Progress:
 
     def __init__(self, total: int, *, enabled: bool, multi: bool) -> None:
         self.multi = multi
+        self.seen: set[int] = set()
+        self.best: TrialResult | None = None
         self.bar: Any = None
         if enabled:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, desc="search", unit="trial", file=sys.stderr)
 
-    def update(self, results: Sequence[TrialResult]) -> None:
+    def update(self, records: Sequence[TrialResult]) -> None:
+        """Fold newly finished ``records`` in: O(len(records)), not O(all trials)."""
         if self.bar is None:
             return
-        finished = sum(1 for r in results if r.state != "RUNNING")
-        self.bar.n = min(finished, self.bar.total)
-        best = best_result(results, multi_objective=self.multi)
+        for r in records:
+            if r.state != "RUNNING" and r.number not in self.seen:
+                self.seen.add(r.number)
+            if self.best is None or best_result([self.best, r], multi_objective=self.multi) is r:
+                if r.state == "COMPLETE" and r.accuracy is not None:
+                    self.best = r
+        self.bar.n = min(len(self.seen), self.bar.total)
+        best = self.best
         if best is not None:
             score = f"acc={100 * (best.accuracy or 0):.1f}% macs={(best.macs or 0) / 1e6:.2f}M"
             if best.reward is not None:
@@ -273,7 +281,7 @@ def run_search(
 
     def on_trial(record: TrialResult) -> None:
         log.add(record)
-        bar.update(log.results())
+        bar.update([record])
 
     try:
         results = engine.run(objective, on_trial)
