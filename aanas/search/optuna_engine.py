@@ -350,7 +350,7 @@ class OptunaEngine(SearchEngine):
                         sampler=self.make_sampler(self.recipe.seed),
                         pruner=self.make_pruner(),
                         study_name=self.study_name,
-                        directions=directions,
+                        directions=directions,  # type: ignore[arg-type]
                         load_if_exists=True,
                     )
             except Exception as exc:

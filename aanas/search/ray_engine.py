@@ -203,7 +203,7 @@ class RayEngine(SearchEngine):
         self.scorer = ctx.scorer
         self.run_dir = ctx.run_dir
         self.on_trial: OnTrial | None = None
-        self.name = ctx.study_name
+        self.experiment_name = ctx.study_name
         supernet_path = ctx.supernet_path
         self.ctx_worker = _TrialContext(
             space=str(ctx.space.source),
@@ -217,7 +217,7 @@ class RayEngine(SearchEngine):
     @property
     def experiment_dir(self) -> Path:
         """``<run dir>/ray/<name>``: Ray's experiment folder (resume point)."""
-        return (self.run_dir.path / "ray" / self.name).resolve()
+        return (self.run_dir.path / "ray" / self.experiment_name).resolve()
 
     def _init_ray(self) -> None:
         import ray
@@ -326,7 +326,7 @@ class RayEngine(SearchEngine):
                     reuse_actors=True,
                 ),
                 run_config=tune.RunConfig(
-                    name=self.name,
+                    name=self.experiment_name,
                     storage_path=str(exp_dir.parent),
                     callbacks=[self._callback()],
                     failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
