@@ -29,7 +29,8 @@ its architecture:
 - Ctrl-C / SIGTERM marks the running trial FAIL ("interrupted", not counted) before exiting.
 
 Trial records live in user attributes (visible in optuna-dashboard): ``result`` (the full
-:class:`~aanas.results.TrialResult`), ``spec``, ``worker``, ``error``, ``lost``.
+:class:`~aanas.results.TrialResult`), ``spec``, ``worker``, ``error``, ``lost``,
+``duplicate_of``.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ _ATTR_WORKER = "worker"  # which worker runs it (liveness of file-storage worker
 _ATTR_ERROR = "error"
 _ATTR_LOST = "lost"  # why the trial ended without a result; such trials are not counted
 _ATTR_CONSTRAINTS = "constraints"  # budget constraint values (<= 0 feasible), NSGA-II
+_ATTR_DUPLICATE = "duplicate_of"  # a repeated spec: the trial whose result was reused
 _STUDY_KEY = "aanas"  # study user attr: what the study was created for
 _STUDY_WORKERS = "aanas_workers"  # study user attr: how many workers have joined
 
@@ -524,6 +526,8 @@ class OptunaEngine(SearchEngine):
 
         assert self.objective is not None
         trial.set_user_attr(_ATTR_RESULT, result.to_dict())
+        if "duplicate_of" in result.metrics:  # visible in optuna-dashboard
+            trial.set_user_attr(_ATTR_DUPLICATE, int(result.metrics["duplicate_of"]))
         budget = self.objective.budget
         constraints = budget.constraints(result.macs, result.judged_cost("latency_ms"))
         if constraints:
