@@ -456,3 +456,32 @@ def test_search_with_no_completed_trial_exits_non_zero(tmp_path, capsys, monkeyp
     assert code == 1
     assert "no trial completed" in captured.err and captured.err.count("\n") == 1
     assert "3 fail" in captured.out
+
+
+# --- package shape (issue 11 item 8) ---------------------------------------------------------------
+
+
+def test_engines_share_one_interface_and_the_package_init_only_reexports():
+    import ast
+
+    import aanas.config
+    import aanas.search
+    from aanas.search import SearchEngine, engine_names, get_engine
+
+    assert engine_names() == ["optuna", "ray"]
+    for name in engine_names():
+        cls = get_engine(name)
+        assert issubclass(cls, SearchEngine) and cls.name == name
+    with pytest.raises(ValueError, match="engine must be one of"):
+        get_engine("hyperopt")
+    assert aanas.search.SearchRecipe is aanas.config.SearchRecipe
+    pkg = REPO / "aanas" / "search"
+    init = ast.parse((pkg / "__init__.py").read_text())
+    assert not [n for n in init.body if isinstance(n, ast.FunctionDef | ast.ClassDef)]
+    ray_src = (pkg / "ray_engine.py").read_text()
+    assert "from aanas.search import" not in ray_src and "OptunaEngine" not in ray_src
+    assert "build_objective" in ray_src  # the one builder of the objective, also in workers
+    runner_src = (pkg / "runner.py").read_text()
+    assert 'engine == "' not in runner_src and "engine == '" not in runner_src
+    defined = [p.name for p in pkg.glob("*.py") if "class TrialFailedError" in p.read_text()]
+    assert defined == ["objective.py"]

@@ -86,7 +86,7 @@ def resolve_storage(storage: str | None, run_dir: Any) -> str:
         return storage
     if run_dir.study_db.is_file():
         return f"sqlite:///{run_dir.study_db.resolve()}"
-    return str((run_dir.path / "study.journal").resolve())
+    return str(run_dir.study_journal.resolve())
 
 
 def _is_url(storage: str) -> bool:

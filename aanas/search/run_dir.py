@@ -158,7 +158,13 @@ class RunDirectory:
 
     @property
     def study_db(self) -> Path:
+        """SQLite storage of run directories made before the journal default."""
         return self.path / "study.db"
+
+    @property
+    def study_journal(self) -> Path:
+        """Optuna journal file storage (the default ``--storage``)."""
+        return self.path / "study.journal"
 
     @property
     def models_dir(self) -> Path:
