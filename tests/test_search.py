@@ -458,7 +458,7 @@ def test_search_with_no_completed_trial_exits_non_zero(tmp_path, capsys, monkeyp
     assert "3 fail" in captured.out
 
 
-# --- package shape (issue 11 item 8) ---------------------------------------------------------------
+# --- package shape (issue 11 item 8) ----------------------------------------------------------
 
 
 def test_engines_share_one_interface_and_the_package_init_only_reexports():
