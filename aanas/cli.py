@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import signal
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -338,7 +339,12 @@ _SEARCH_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--max-train-batches", "max_train_batches", "cap optimiser steps per epoch (0: all)"),
     ("--batch-size", "batch_size", "batch size of training and evaluation"),
     ("--device", "device", "auto | cpu | cuda[:i]"),
-    ("--storage", "storage", "Optuna RDB URL; none: sqlite:///<out>/study.db"),
+    (
+        "--storage",
+        "storage",
+        "Optuna storage shared by workers: a journal file (one machine) or an RDB URL "
+        "(postgresql://user@host/db, many machines); none: <out>/study.journal",
+    ),
     ("--study-name", "study_name", "study name in the storage; none: the run name"),
     ("--baselines", "baselines", "comma-separated registered models evaluated for reference"),
     ("--top-k", "top_k", "rows of the summary table"),
@@ -427,7 +433,13 @@ def _run_search(args: argparse.Namespace) -> int:
     from aanas.search import default_run_name
 
     check_writable_dir(args.out or Path("runs") / default_run_name(recipe), "--out")
-    outcome = run_search(recipe, out=args.out, progress=not args.no_progress)
+    # SIGTERM (kill, a scheduler's stop) ends the search like Ctrl-C: the running trial is
+    # marked interrupted and the run directory rewritten from the storage.
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        outcome = run_search(recipe, out=args.out, progress=not args.no_progress)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     run_dir = outcome.run_dir.path
     best = outcome.best
     counts: dict[str, int] = {}
@@ -439,7 +451,12 @@ def _run_search(args: argparse.Namespace) -> int:
         + ")"
     )
     if best is None:
-        print("no trial completed")
+        print(
+            f"aanas: error: no trial completed in {run_dir} (see summary.md for each trial's "
+            "state and error)",
+            file=sys.stderr,
+        )
+        return 1
     else:
         print(
             f"best: trial {best.number}: val accuracy {100 * (best.accuracy or 0):.2f}%, "
@@ -451,10 +468,20 @@ def _run_search(args: argparse.Namespace) -> int:
         f"Pareto front: {len(outcome.front)} points; results in {run_dir}/ "
         f"(summary.md, trials.csv, pareto.png, best/) after {outcome.wall_s:.0f} s"
     )
-    if recipe.engine == "optuna":
-        storage = recipe.storage or f"sqlite:///{run_dir}/study.db"
+    storage = outcome.run_dir.read_meta().get("storage")
+    if storage:
         print(f"dashboard: optuna-dashboard {storage}")
     return 0
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt."""
+
+    signal_name = "SIGTERM"
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated()
 
 
 def _add_show(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -744,6 +771,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"aanas: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("aanas: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        name = getattr(exc, "signal_name", "SIGINT")
+        print(
+            f"aanas: interrupted by {name}: finished work is kept; run the same command to resume",
+            file=sys.stderr,
+        )
+        return 143 if name == "SIGTERM" else 130

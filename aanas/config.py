@@ -31,6 +31,14 @@ from aanas.errors import RecipeError
 from aanas.spec import SPEC_LIMITS
 
 __all__ = [
+    "COST_METRICS",
+    "ENGINES",
+    "EVALUATORS",
+    "LATENCY_MODES",
+    "PRUNERS",
+    "SAMPLERS",
+    "SCORES",
+    "SearchRecipe",
     "TrainRecipe",
     "load_recipe",
     "load_dataclass",
@@ -412,3 +420,162 @@ def find_recipe(name_or_path: str | Path) -> Path:
         f"recipe {name!r} is neither a file nor a shipped recipe "
         f"(shipped: {', '.join(list_recipes()) or 'none'})"
     )
+
+
+# --- search recipe --------------------------------------------------------------------------
+# Choices of ``aanas search``; the engines, scorers and evaluators that implement them live in
+# aanas.search (this module is L0 and imports none of them).
+
+# soft / hard: MnasNet reward (arXiv:1807.11626, Eq. 2); pareto: (accuracy, cost) objectives;
+# accuracy: accuracy alone (a budget, if any, still rejects candidates).
+SCORES: tuple[str, ...] = ("soft", "hard", "pareto", "accuracy")
+# Cost the reward/objectives use: analytical MACs or latency (measured, else predicted).
+COST_METRICS: tuple[str, ...] = ("macs", "latency_ms")
+ENGINES: tuple[str, ...] = ("optuna", "ray")
+EVALUATORS: tuple[str, ...] = ("supernet", "train")
+# auto: TPE for a scalar score, NSGA-II for pareto. Ray: "random" uses Ray's own random search,
+# anything else runs the Optuna sampler inside ray.tune.search.optuna.OptunaSearch.
+SAMPLERS: tuple[str, ...] = ("auto", "tpe", "nsga2", "random")
+# Early stopping of `train` candidates: Optuna MedianPruner / HyperbandPruner; Ray uses ASHA for
+# both (none: never stop early).
+PRUNERS: tuple[str, ...] = ("median", "hyperband", "none")
+# off: no latency; measure: time every candidate (torch, 1 thread, batch 1, disk cache);
+# predict: a latency table; auto: measure when a latency target or budget is set, else off.
+LATENCY_MODES: tuple[str, ...] = ("auto", "off", "measure", "predict")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchRecipe:
+    """Every setting of ``aanas search``; the CLI flags map 1:1 onto these fields.
+
+    Defaults are the offline CPU run: the tiny space on the embedded digits data, weight-sharing
+    evaluation, 40 TPE trials, a few minutes on 2 cores.
+    """
+
+    # --- what to search ------------------------------------------------------------------------
+    space: str = "tiny"  # shipped space name or YAML path (aanas.space.SearchSpace.from_yaml)
+    data: str = "digits"  # digits | cifar10 | cifar100 | imagefolder:PATH
+    data_root: str | None = None  # torchvision cache folder (None: ~/.cache/aanas/data)
+    batch_size: int = 64  # digits has 1437 training images: 64 gives 18 steps per epoch
+    val_fraction: float = 0.2  # searches select on this held-out part of the TRAINING split
+    # --- engine ----------------------------------------------------------------------------------
+    engine: str = "optuna"  # one of ENGINES
+    evaluator: str = "supernet"  # one of EVALUATORS
+    sampler: str = "auto"  # one of SAMPLERS
+    pruner: str = "median"  # one of PRUNERS (train evaluator only)
+    trials: int = 40  # finished trials (COMPLETE + PRUNED + FAIL) the study should reach
+    n_jobs: int = 1  # Optuna threads in this process (more processes may share --storage)
+    seed: int = 0  # sampler seed; trial k trains/recalibrates with seed + k
+    # --- score and budget ------------------------------------------------------------------------
+    score: str = "soft"  # one of SCORES
+    target_macs: float = 0.0  # T of the reward in MACs (0: geometric mean of the space's range)
+    target_latency_ms: float = 0.0  # T in ms; setting it makes latency the reward's metric
+    max_macs: float = 0.0  # hard budget: candidates above are rejected untrained (0: off)
+    max_latency_ms: float = 0.0  # hard budget in ms (0: off)
+    latency: str = "auto"  # one of LATENCY_MODES
+    latency_table: str | None = None  # YAML LUT for latency=predict (aanas.cost.LatencyTable)
+    latency_threads: int = 1  # intra-op threads while timing (mobile-style single core)
+    # --- supernet evaluator ----------------------------------------------------------------------
+    supernet: str | None = None  # load this trained supernet instead of training one
+    # sandwich-rule epochs on the training split: 10 on digits take ~75 s on 2 CPU cores and
+    # lift the best inherited accuracy from ~75 % (2 epochs) to the 90s
+    supernet_epochs: int = 10
+    supernet_lr: float = 0.05
+    recal_batches: int = 4  # training batches to re-estimate BN statistics per candidate
+    # --- train evaluator -------------------------------------------------------------------------
+    train_recipe: str | None = None  # TrainRecipe YAML/shipped name (default: digits_tiny-like)
+    train_epochs: int = 3  # epochs per candidate (pruners see each one)
+    train_lr: float = 0.05
+    max_train_batches: int = 0  # cap optimiser steps per epoch (0: all)
+    # --- bookkeeping -----------------------------------------------------------------------------
+    device: str = "auto"  # auto: cuda when available, else cpu
+    # Optuna storage: a journal file path or an RDB URL (None: <out>/study.journal; Optuna's
+    # journal file storage is its multi-process storage for one machine, SQLite is not)
+    storage: str | None = None
+    study_name: str | None = None  # None: the run name
+    heartbeat_s: int = 10  # RDB storages: heartbeat of running trials ...
+    grace_s: int = 30  # ... a trial silent this long is marked lost (FAIL, not counted)
+    baselines: tuple[str, ...] = ()  # registered model names evaluated as reference points
+    top_k: int = 10  # rows of the summary table
+    # --- Ray Tune --------------------------------------------------------------------------------
+    address: str | None = None  # join this Ray cluster (None: start a local one)
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int = 0  # 0: as many as the resources allow
+    num_cpus: int = 0  # local Ray only: CPUs to give ray.init (0: all)
+
+    def __post_init__(self) -> None:
+        _check_choice("engine", self.engine, ENGINES)
+        _check_choice("evaluator", self.evaluator, EVALUATORS)
+        _check_choice("sampler", self.sampler, SAMPLERS)
+        _check_choice("pruner", self.pruner, PRUNERS)
+        _check_choice("score", self.score, SCORES)
+        _check_choice("latency", self.latency, LATENCY_MODES)
+        for name in (
+            "target_macs",
+            "target_latency_ms",
+            "max_macs",
+            "max_latency_ms",
+            "cpus_per_trial",
+            "gpus_per_trial",
+            "supernet_lr",
+            "train_lr",
+        ):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name, low in (
+            ("trials", 1),
+            ("n_jobs", 1),
+            ("batch_size", 1),
+            ("supernet_epochs", 0),
+            ("recal_batches", 0),
+            ("train_epochs", 1),
+            ("max_train_batches", 0),
+            ("heartbeat_s", 1),
+            ("grace_s", 1),
+            ("top_k", 1),
+            ("max_concurrent", 0),
+            ("num_cpus", 0),
+            ("latency_threads", 1),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(
+                f"val_fraction must be in (0, 1): searches select on validation accuracy, "
+                f"got {self.val_fraction!r}"
+            )
+        if self.sampler == "nsga2" and self.score != "pareto":
+            raise ValueError("sampler 'nsga2' is multi-objective: use it with --score pareto")
+        if self.target_latency_ms > 0 and self.target_macs > 0:
+            raise ValueError("give one reward target: --target-macs or --target-latency-ms")
+        if self.latency == "off" and (self.target_latency_ms > 0 or self.max_latency_ms > 0):
+            raise ValueError("a latency target or budget needs --latency measure or predict")
+        if self.latency == "predict" and not self.latency_table:
+            raise ValueError("--latency predict needs --latency-table PATH")
+        if self.grace_s <= self.heartbeat_s:
+            raise ValueError(
+                f"grace_s ({self.grace_s}) must exceed heartbeat_s ({self.heartbeat_s})"
+            )
+
+    @property
+    def cost_metric(self) -> str:
+        """``latency_ms`` when a latency target is set, else ``macs``."""
+        return "latency_ms" if self.target_latency_ms > 0 else "macs"
+
+    @property
+    def latency_mode(self) -> str:
+        """The effective latency mode (``auto`` resolved)."""
+        if self.latency != "auto":
+            return self.latency
+        if self.target_latency_ms > 0 or self.max_latency_ms > 0:
+            return "predict" if self.latency_table else "measure"
+        return "off"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings (written to the run directory's ``run.json``)."""
+        out = dataclasses.asdict(self)
+        out["baselines"] = list(self.baselines)
+        return out

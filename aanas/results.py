@@ -32,6 +32,8 @@ from typing import Any
 from aanas._io import atomic_write_bytes, atomic_write_text
 
 __all__ = [
+    "append_csv",
+    "append_jsonl",
     "CSV_COLUMNS",
     "STATES",
     "TrialResult",
@@ -136,6 +138,19 @@ class TrialResult:
         value = getattr(self, key)
         return None if value is None else float(value)
 
+    def judged_cost(self, metric: str) -> float | None:
+        """The cost this trial is judged on for ``metric``: the one rule for the score, the
+        budget constraints, the pruner and the Pareto front, in every engine.
+
+        ``latency_ms``: the measured latency, else the latency table's prediction (a search run
+        with ``--latency predict`` has only the latter); any other key: that field. None when
+        the cost is unknown, which callers treat as infeasible/unscorable, never as 0.
+        """
+        if metric == "latency_ms":
+            measured = self.cost("latency_ms")
+            return measured if measured is not None else self.cost("latency_pred_ms")
+        return self.cost(metric)
+
 
 def _json_default(obj: object) -> Any:
     """Numpy scalars and tuples from engines: plain JSON values."""
@@ -160,29 +175,56 @@ def _clean(obj: Any) -> Any:
     return _finite_or_none(obj)
 
 
+def _json_line(r: TrialResult) -> str:
+    return json.dumps(_clean(r.to_dict()), sort_keys=True, default=_json_default) + "\n"
+
+
 def write_jsonl(path: str | os.PathLike[str], results: Iterable[TrialResult]) -> None:
     """Atomically (re)write ``path`` with one JSON object per result."""
-    lines = [
-        json.dumps(_clean(r.to_dict()), sort_keys=True, default=_json_default) for r in results
-    ]
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    atomic_write_text(path, "".join(_json_line(r) for r in results))
 
 
-def read_jsonl(path: str | os.PathLike[str]) -> list[TrialResult]:
+def append_jsonl(path: str | os.PathLike[str], results: Iterable[TrialResult]) -> None:
+    """Append records to ``path`` with one ``write`` on an ``O_APPEND`` descriptor.
+
+    Appends from several processes do not interleave within a record (each is one write of a
+    line well under the page size); a process killed mid-write can leave a partial last line,
+    which :func:`read_jsonl` skips with ``tolerate_partial_tail``. No fsync: the search rewrites
+    the file atomically from its storage when it ends.
+    """
+    data = "".join(_json_line(r) for r in results).encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(
+    path: str | os.PathLike[str], *, tolerate_partial_tail: bool = False
+) -> list[TrialResult]:
     """Read records written by :func:`write_jsonl` (blank lines are skipped).
+
+    Args:
+        path: the file.
+        tolerate_partial_tail: skip a malformed LAST line without a newline (an append cut by a
+            kill) instead of raising.
 
     Raises:
         ValueError: naming the file and line of a malformed record.
     """
     out: list[TrialResult] = []
     with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(TrialResult.from_dict(json.loads(line)))
-            except (ValueError, TypeError) as exc:
-                raise ValueError(f"{path}:{lineno}: bad trial record: {exc}") from None
+        lines = fh.readlines()
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(TrialResult.from_dict(json.loads(line)))
+        except (ValueError, TypeError) as exc:
+            if tolerate_partial_tail and lineno == len(lines) and not line.endswith("\n"):
+                break
+            raise ValueError(f"{path}:{lineno}: bad trial record: {exc}") from None
     return out
 
 
@@ -209,6 +251,23 @@ def to_csv(results: Iterable[TrialResult]) -> str:
 def write_csv(path: str | os.PathLike[str], results: Iterable[TrialResult]) -> None:
     """Atomically (re)write ``path`` with :func:`to_csv`."""
     atomic_write_text(path, to_csv(results))
+
+
+def append_csv(path: str | os.PathLike[str], results: Iterable[TrialResult]) -> None:
+    """Append rows to ``path`` (the header first when the file is new or empty); see
+    :func:`append_jsonl` for the guarantees."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    for r in results:
+        writer.writerow([_csv_cell(getattr(r, c)) for c in CSV_COLUMNS])
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        body = buf.getvalue()
+        if os.fstat(fd).st_size == 0:
+            body = to_csv([]) + body
+        os.write(fd, body.encode("utf-8"))
+    finally:
+        os.close(fd)
 
 
 _INT_COLUMNS = ("number", "macs", "n_params", "seed")
@@ -249,9 +308,11 @@ def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
 def pareto_indices(points: Sequence[Sequence[float]]) -> list[int]:
     """Indices of the non-dominated points (all objectives minimised), in input order.
 
-    Duplicated points are all kept (none dominates the other). O(n^2), fine for the few
-    thousand trials a search has.
+    Duplicated points are all kept (none dominates the other). Two objectives (every search
+    front): O(n log n) by a sweep over increasing first objective; more: O(n^2).
     """
+    if points and all(len(p) == 2 for p in points):
+        return _pareto_indices_2d(points)
     return [
         i
         for i, p in enumerate(points)
@@ -259,8 +320,29 @@ def pareto_indices(points: Sequence[Sequence[float]]) -> list[int]:
     ]
 
 
+def _pareto_indices_2d(points: Sequence[Sequence[float]]) -> list[int]:
+    """Sweep by increasing x. A point is dominated iff a point with smaller x has y <= its y,
+    or a point with the same x has a smaller y. Example: (1, 3), (1, 3), (2, 1), (2, 2), (3, 1)
+    -> indices 0, 1 (duplicates both kept), 2; (2, 2) loses to (2, 1), (3, 1) to (2, 1)."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    keep: list[int] = []
+    best_prev = math.inf  # smallest y over points with a strictly smaller x
+    k = 0
+    while k < len(order):
+        x = points[order[k]][0]
+        group_end = k
+        while group_end < len(order) and points[order[group_end]][0] == x:
+            group_end += 1
+        group_min = points[order[k]][1]  # sorted by y within equal x
+        if group_min < best_prev:
+            keep += [i for i in order[k:group_end] if points[i][1] == group_min]
+            best_prev = group_min
+        k = group_end
+    return sorted(keep)
+
+
 def _objectives(r: TrialResult, cost: str) -> tuple[float, float] | None:
-    c = r.cost(cost)
+    c = r.judged_cost(cost)
     if c is None or r.accuracy is None or not math.isfinite(r.accuracy):
         return None
     return (c, -float(r.accuracy))
@@ -286,7 +368,7 @@ def pareto(
             unique.append(r)
     points = [_objectives(r, cost) for r in unique]
     front = [unique[i] for i in pareto_indices([p for p in points if p is not None])]
-    return sorted(front, key=lambda r: (r.cost(cost), -(r.accuracy or 0.0)))
+    return sorted(front, key=lambda r: (r.judged_cost(cost), -(r.accuracy or 0.0)))
 
 
 def hypervolume_2d(points: Iterable[Sequence[float]], reference: Sequence[float]) -> float:

@@ -13,14 +13,17 @@ optuna and ray are imported lazily, inside the functions that need them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from aanas.config import SearchRecipe
 from aanas.space import IntRange, SearchSpace
 from aanas.spec import ArchSpec
 
 __all__ = [
     "active_params",
+    "optuna_sampler",
     "ray_config_to_spec",
     "ray_define_by_run",
     "ray_param_space",
@@ -103,3 +106,43 @@ def ray_define_by_run(space: SearchSpace) -> Callable[[Any], None]:
         suggest_params(space, trial)
 
     return define
+
+
+def optuna_sampler(
+    recipe: SearchRecipe,
+    scorer: Any,
+    *,
+    seed: int | None = None,
+    constraints_func: Callable[[Any], Sequence[float]] | None = None,
+    workers: int = 1,
+) -> Any:
+    """The Optuna sampler ``recipe.sampler`` names, for the Optuna engine and Ray's OptunaSearch.
+
+    ``auto`` is TPE, or NSGA-II for a multi-objective ``scorer``; ``seed`` defaults to
+    ``recipe.seed``. TPE uses the constant-liar heuristic whenever trials run concurrently
+    (``recipe.n_jobs`` threads or more than one ``workers``): running trials then count as bad
+    ones, so concurrent workers spread out instead of proposing the same point.
+    """
+    import optuna
+
+    seed = recipe.seed if seed is None else seed
+    name = recipe.sampler
+    if name == "auto":
+        name = "nsga2" if scorer.multi_objective else "tpe"
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "nsga2":
+        # population 8: a CPU search runs tens of trials, so generations must be short.
+        return optuna.samplers.NSGAIISampler(
+            seed=seed, population_size=8, constraints_func=constraints_func
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # Optuna's default 10 random start-up trials, then grouped multivariate TPE.
+        return optuna.samplers.TPESampler(
+            seed=seed,
+            multivariate=True,
+            group=True,
+            constant_liar=recipe.n_jobs > 1 or workers > 1,
+            constraints_func=constraints_func,
+        )

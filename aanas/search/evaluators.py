@@ -10,8 +10,9 @@
   recipe (:func:`aanas.train.fit`), reporting validation accuracy after every epoch so a pruner
   (Optuna Median/Hyperband, Ray ASHA) can stop it early.
 
-:func:`build_evaluator` constructs either from a :class:`~aanas.search.objective.SearchRecipe`,
-in the driver or inside a Ray worker (which loads the supernet the driver saved).
+:func:`build_evaluator` constructs either from a :class:`~aanas.config.SearchRecipe`, and
+:func:`build_objective` wraps it in the shared objective: the one place that does so, for the
+driver and for Ray workers (which load the supernet the driver saved).
 """
 
 from __future__ import annotations
@@ -19,14 +20,18 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from aanas.config import SearchRecipe
+from aanas.errors import RecipeError
 from aanas.results import atomic_write_bytes
-from aanas.search.objective import Evaluation, Reporter, SearchRecipe
+from aanas.search.objective import Evaluation, Evaluator, Objective, Reporter
+from aanas.search.scoring import Budget, Scorer
 from aanas.spec import ArchSpec
 
 __all__ = [
@@ -34,6 +39,8 @@ __all__ = [
     "TrainEvaluator",
     "build_data_for",
     "build_evaluator",
+    "build_objective",
+    "latency_fns",
     "load_supernet",
     "prepare_supernet",
     "resolve_device",
@@ -291,4 +298,77 @@ def build_evaluator(
         train_recipe_for(recipe, data.input_size),
         device=device,
         checkpoint_dir=checkpoint_dir,
+    )
+
+
+def latency_fns(
+    recipe: SearchRecipe,
+) -> tuple[Callable[[ArchSpec], float] | None, Callable[[ArchSpec], float] | None]:
+    """(measure, predict) latency functions for ``recipe.latency_mode`` (None where off)."""
+    mode = recipe.latency_mode
+    if mode == "measure":
+        from aanas.cost.latency import measure
+
+        def measured(spec: ArchSpec) -> float:
+            result = measure(spec, backend="torch", threads=recipe.latency_threads, batch=1)
+            return float(result.median_ms)
+
+        return measured, None
+    if mode == "predict":
+        from aanas.cost.latency import LatencyTable
+
+        assert recipe.latency_table is not None  # SearchRecipe checks it
+        loaded = LatencyTable.load(recipe.latency_table)
+        if loaded is None:  # measured on another machine (LatencyTable.load logged which)
+            raise RecipeError(
+                f"latency_table {recipe.latency_table!r} was measured on another machine: "
+                "rebuild it here (aanas profile --build-lut) or use --latency measure"
+            )
+        table: LatencyTable = loaded
+
+        def predicted(spec: ArchSpec) -> float:
+            return float(table.predict(spec))
+
+        return None, predicted
+    return None, None
+
+
+def build_objective(
+    recipe: SearchRecipe,
+    space: Any,
+    scorer: Scorer,
+    *,
+    evaluator: Evaluator | None = None,
+    data: Any = None,
+    device: str = "cpu",
+    supernet: Any = None,
+    supernet_path: Path | None = None,
+    checkpoint_dir: Path | None = None,
+) -> Objective:
+    """The shared :class:`Objective` of a search, in the driver or in a Ray worker.
+
+    ``evaluator`` replaces the one the recipe names; otherwise it is built over ``data``
+    (built here when None) with the given supernet (or its checkpoint path).
+    """
+    if evaluator is None:
+        if data is None:
+            data = build_data_for(recipe, space.base.input_size)
+        evaluator = build_evaluator(
+            recipe,
+            space,
+            data,
+            device=device,
+            supernet=supernet,
+            supernet_path=supernet_path,
+            checkpoint_dir=checkpoint_dir,
+        )
+    measure_fn, predict_fn = latency_fns(recipe)
+    return Objective(
+        space,
+        evaluator,
+        scorer=scorer,
+        budget=Budget.from_recipe(recipe),
+        seed=recipe.seed,
+        measure_latency=measure_fn,
+        predict_latency=predict_fn,
     )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -32,20 +33,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aanas.config import SearchRecipe
+from aanas.errors import RecipeError
 from aanas.results import TrialResult
-from aanas.search.objective import Objective, SearchRecipe
-from aanas.search.run_dir import RunDirectory
+from aanas.search.adapters import optuna_sampler
+from aanas.search.engine import OnTrial, SearchContext, SearchEngine, register_engine
+from aanas.search.objective import Objective, TrialFailedError
 from aanas.search.scoring import Scorer
 
-__all__ = ["RayEngine", "TrialFailedError"]
+__all__ = ["RayEngine"]
 
 _LOG = logging.getLogger(__name__)
 
 _KEY = "aanas_result"  # JSON TrialResult in every reported result
-
-
-class TrialFailedError(RuntimeError):
-    """Raised by the trainable after reporting a FAIL record, so Ray marks the trial ERROR."""
 
 
 @dataclass(frozen=True)
@@ -68,32 +68,17 @@ def _worker_objective(ctx: _TrialContext, device: str) -> Objective:
     cached = _WORKER_OBJECTIVES.get(ctx)
     if cached is not None:
         return cached
-    from aanas.search import _latency_fns
+    from aanas.search.evaluators import build_objective
     from aanas.space import SearchSpace
 
-    space = SearchSpace.from_yaml(ctx.space)
-    evaluator = ctx.evaluator
-    if evaluator is None:
-        from aanas.search.evaluators import build_data_for, build_evaluator
-
-        data = build_data_for(ctx.recipe, space.base.input_size)
-        evaluator = build_evaluator(
-            ctx.recipe,
-            space,
-            data,
-            device=device,
-            supernet_path=Path(ctx.supernet_path) if ctx.supernet_path else None,
-            checkpoint_dir=Path(ctx.models_dir),
-        )
-    measure_fn, predict_fn = _latency_fns(ctx.recipe)
-    objective = Objective(
-        space,
-        evaluator,
-        scorer=ctx.scorer,
-        budget=ctx.recipe.budget,
-        seed=ctx.recipe.seed,
-        measure_latency=measure_fn,
-        predict_latency=predict_fn,
+    objective = build_objective(
+        ctx.recipe,
+        SearchSpace.from_yaml(ctx.space),
+        ctx.scorer,
+        evaluator=ctx.evaluator,
+        device=device,
+        supernet_path=Path(ctx.supernet_path) if ctx.supernet_path else None,
+        checkpoint_dir=Path(ctx.models_dir),
     )
     _WORKER_OBJECTIVES[ctx] = objective
     return objective
@@ -121,15 +106,11 @@ def _metrics(objective: Objective, result: TrialResult) -> dict[str, Any]:
         values = objective.values(result)
     else:
         acc = result.accuracy or 0.0
-        cost = (
-            result.cost(objective.scorer.metric)
-            if objective.scorer.metric == "macs"
-            else (result.latency_ms)
-        )
         try:
-            values = objective.scorer.values(acc, cost)
+            values = objective.scorer.values(acc, result.judged_cost(objective.scorer.metric))
         except ValueError:
-            values = (0.0, 0.0) if objective.scorer.multi_objective else (0.0,)
+            # unknown cost: infeasible-looking, never a free 0
+            values = (0.0, math.inf) if objective.scorer.multi_objective else (0.0,)
     if objective.scorer.multi_objective:
         out["accuracy"], out["cost"] = float(values[0]), float(values[1])
     else:
@@ -208,39 +189,35 @@ def _plain_callback() -> Any:
     return tune.Callback()
 
 
-class RayEngine:
+@register_engine
+class RayEngine(SearchEngine):
     """Runs the search with ``ray.tune.Tuner`` (see the module docstring)."""
 
-    def __init__(
-        self,
-        space: Any,
-        recipe: SearchRecipe,
-        *,
-        scorer: Scorer,
-        run_dir: RunDirectory,
-        supernet_path: Path | None,
-        evaluator: Any = None,
-        on_trial: Callable[[list[TrialResult]], None] | None = None,
-    ) -> None:
-        self.space = space
-        self.recipe = recipe
-        self.scorer = scorer
-        self.run_dir = run_dir
-        self.on_trial = on_trial
-        self.name = recipe.study_name or run_dir.path.resolve().name
-        self.ctx = _TrialContext(
-            space=str(space.source),
-            recipe=recipe,
-            scorer=scorer,
+    name = "ray"
+    in_process = False  # workers rebuild the objective (evaluators.build_objective)
+
+    def __init__(self, ctx: SearchContext) -> None:
+        super().__init__(ctx)
+        self.space = ctx.space
+        self.recipe = ctx.recipe
+        self.scorer = ctx.scorer
+        self.run_dir = ctx.run_dir
+        self.on_trial: OnTrial | None = None
+        self.experiment_name = ctx.study_name
+        supernet_path = ctx.supernet_path
+        self.ctx_worker = _TrialContext(
+            space=str(ctx.space.source),
+            recipe=ctx.recipe,
+            scorer=ctx.scorer,
             supernet_path=str(supernet_path.resolve()) if supernet_path else None,
-            models_dir=str(run_dir.models_dir.resolve()),
-            evaluator=evaluator,
+            models_dir=str(ctx.run_dir.models_dir.resolve()),
+            evaluator=ctx.evaluator,
         )
 
     @property
     def experiment_dir(self) -> Path:
         """``<run dir>/ray/<name>``: Ray's experiment folder (resume point)."""
-        return (self.run_dir.path / "ray" / self.name).resolve()
+        return (self.run_dir.path / "ray" / self.experiment_name).resolve()
 
     def _init_ray(self) -> None:
         import ray
@@ -256,7 +233,7 @@ class RayEngine:
         try:
             ray.init(**kwargs)
         except (ConnectionError, RuntimeError) as exc:
-            raise ValueError(f"cannot start/join Ray ({self.recipe.address}): {exc}") from None
+            raise RecipeError(f"cannot start/join Ray ({self.recipe.address}): {exc}") from None
 
     def _search_alg(self) -> tuple[Any, dict[str, Any]]:
         from ray.tune.search import ConcurrencyLimiter
@@ -268,9 +245,7 @@ class RayEngine:
             return None, ray_param_space(self.space)
         from ray.tune.search.optuna import OptunaSearch
 
-        from aanas.search.optuna_engine import OptunaEngine
-
-        sampler = OptunaEngine.sampler_for(self.recipe, self.scorer)
+        sampler = optuna_sampler(self.recipe, self.scorer)
         alg: Any = OptunaSearch(
             space=_DefineByRun(str(self.space.source)),
             metric=["accuracy", "cost"] if multi else "score",
@@ -286,16 +261,14 @@ class RayEngine:
 
         engine = self
         lock = threading.Lock()
-        records: dict[str, TrialResult] = {}
 
         class _RunDirCallback(tune.Callback):  # type: ignore[misc]
-            """Rewrites the run directory after every finished trial (in the driver)."""
+            """Hands every finished trial to the run directory (in the driver)."""
 
             def _update(self, trial: Any, error: str = "") -> None:
                 with lock:
-                    records[trial.trial_id] = _record(trial.trial_id, trial.last_result, error)
                     if engine.on_trial is not None:
-                        engine.on_trial(list(records.values()))
+                        engine.on_trial(_record(trial.trial_id, trial.last_result, error))
 
             def on_trial_complete(self, iteration: int, trials: Any, trial: Any, **kw: Any) -> None:
                 self._update(trial)
@@ -311,13 +284,16 @@ class RayEngine:
 
         return _RunDirCallback()
 
-    def run(self) -> list[TrialResult]:
-        """Run or resume the Tuner; return every trial's record."""
+    def run(self, objective: Objective | None, on_trial: OnTrial) -> list[TrialResult]:
+        """Run or resume the Tuner; return every trial's record (``objective`` is unused: the
+        workers build their own)."""
         from ray import tune
 
+        del objective
+        self.on_trial = on_trial
         self._init_ray()
         trainable = tune.with_resources(
-            tune.with_parameters(_trainable, ctx=self.ctx),
+            tune.with_parameters(_trainable, ctx=self.ctx_worker),
             {"cpu": self.recipe.cpus_per_trial, "gpu": self.recipe.gpus_per_trial},
         )
         exp_dir = self.experiment_dir
@@ -350,7 +326,7 @@ class RayEngine:
                     reuse_actors=True,
                 ),
                 run_config=tune.RunConfig(
-                    name=self.name,
+                    name=self.experiment_name,
                     storage_path=str(exp_dir.parent),
                     callbacks=[self._callback()],
                     failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),

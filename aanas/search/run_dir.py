@@ -14,13 +14,16 @@
       best/model.pt     {"spec": str, "state_dict": ...} trained or supernet-inherited weights
       best/metrics.json the best TrialResult
       supernet.pt       trained supernet (supernet evaluator), reused when the search resumes
-      study.db          Optuna SQLite storage (optuna engine, default --storage)
+      study.journal     Optuna journal storage (optuna engine, default --storage; runs made
+                        before it keep their study.db)
       ray/              Ray Tune experiment folder (ray engine)
 
-Every file is replaced atomically (temporary file + :func:`os.replace`): a search killed at any
-moment leaves the previous complete version of each file behind. ``trials.*`` are rewritten
-after every finished trial from the engine's own record of the study, so they include the trials
-of other workers sharing the same storage.
+Every file but ``trials.*`` is replaced atomically (temporary file + :func:`os.replace`): a
+search killed at any moment leaves the previous complete version behind. ``trials.jsonl`` and
+``trials.csv`` are appended one record per finished trial (every worker sharing the directory
+appends its own; a kill can cut only the last line, which readers skip) and rewritten
+atomically from the study's storage when a search ends or is interrupted, so that they then
+agree with the storage. A trial appears once per state it reached; readers keep the last.
 """
 
 from __future__ import annotations
@@ -36,8 +39,11 @@ from typing import TYPE_CHECKING, Any
 from aanas.errors import CheckpointError
 from aanas.results import (
     TrialResult,
+    append_csv,
+    append_jsonl,
     atomic_write_bytes,
     atomic_write_text,
+    dominates,
     pareto,
     read_jsonl,
     results_hypervolume,
@@ -48,7 +54,7 @@ from aanas.results import (
 if TYPE_CHECKING:
     from aanas.train import Checkpoint
 
-__all__ = ["RunDirectory", "best_result", "format_table", "rank"]
+__all__ = ["RunDirectory", "TrialLog", "best_result", "format_table", "rank"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -76,6 +82,11 @@ def best_result(results: Sequence[TrialResult], *, multi_objective: bool) -> Tri
     """
     ranked = rank(results, multi_objective=multi_objective)
     return ranked[0] if ranked else None
+
+
+def _lost(r: TrialResult) -> bool:
+    """A trial whose worker died or was interrupted (no result; not counted toward --trials)."""
+    return r.state == "FAIL" and r.error.startswith(("lost", "interrupted"))
 
 
 def _fmt(value: float | None, scale: float = 1.0, digits: int = 3) -> str:
@@ -151,7 +162,13 @@ class RunDirectory:
 
     @property
     def study_db(self) -> Path:
+        """SQLite storage of run directories made before the journal default."""
         return self.path / "study.db"
+
+    @property
+    def study_journal(self) -> Path:
+        """Optuna journal file storage (the default ``--storage``)."""
+        return self.path / "study.journal"
 
     @property
     def models_dir(self) -> Path:
@@ -179,14 +196,22 @@ class RunDirectory:
     # -- trials ------------------------------------------------------------------------------
 
     def write_trials(self, results: Sequence[TrialResult]) -> None:
-        """``trials.jsonl`` and ``trials.csv``, sorted by trial number."""
+        """Rewrite ``trials.jsonl`` and ``trials.csv`` atomically, sorted by trial number."""
         ordered = sorted(results, key=lambda r: r.number)
         write_jsonl(self.trials_jsonl, ordered)
         write_csv(self.trials_csv, ordered)
 
+    def append_trial(self, result: TrialResult) -> None:
+        """Append one finished record to ``trials.jsonl`` and ``trials.csv`` (O(1) per trial)."""
+        append_jsonl(self.trials_jsonl, [result])
+        append_csv(self.trials_csv, [result])
+
     def read_trials(self) -> list[TrialResult]:
-        """``trials.jsonl`` ([] when absent)."""
-        return read_jsonl(self.trials_jsonl) if self.trials_jsonl.is_file() else []
+        """``trials.jsonl`` ([] when absent): the last record of each trial, by number."""
+        if not self.trials_jsonl.is_file():
+            return []
+        latest = {r.number: r for r in read_jsonl(self.trials_jsonl, tolerate_partial_tail=True)}
+        return [latest[n] for n in sorted(latest)]
 
     def write_baselines(self, results: Sequence[TrialResult]) -> None:
         """``baselines.jsonl``."""
@@ -205,15 +230,20 @@ class RunDirectory:
         *,
         cost: str = "macs",
         plot: bool = True,
+        max_cost: float | None = None,
     ) -> list[TrialResult]:
         """``pareto.json`` (and ``pareto.png`` when ``plot``); returns the front.
 
         The hypervolume's reference point is (1.1 x the largest cost of a COMPLETE trial,
         accuracy 0), recorded in the file; compare hypervolumes only at equal reference points.
+        ``max_cost`` gives that largest cost when ``results`` holds only the front
+        (:class:`TrialLog`).
         """
         front = pareto(results, cost)
-        costs = [r.cost(cost) for r in results if r.state == "COMPLETE"]
+        costs = [r.judged_cost(cost) for r in results if r.state == "COMPLETE"]
         finite = [c for c in costs if c is not None]
+        if max_cost is not None:
+            finite.append(max_cost)
         ref_cost = 1.1 * max(finite) if finite else 0.0
         hv = (
             results_hypervolume(results, cost, ref_cost=ref_cost, cost_scale=_COST_DIV[cost])
@@ -253,9 +283,9 @@ class RunDirectory:
 
         def xy(rs: Sequence[TrialResult]) -> tuple[list[float], list[float]]:
             pts = [
-                ((r.cost(cost) or 0.0) / div, 100.0 * (r.accuracy or 0.0))
+                ((r.judged_cost(cost) or 0.0) / div, 100.0 * (r.accuracy or 0.0))
                 for r in rs
-                if r.cost(cost) is not None and r.accuracy is not None
+                if r.judged_cost(cost) is not None and r.accuracy is not None
             ]
             return [p[0] for p in pts], [p[1] for p in pts]
 
@@ -364,6 +394,72 @@ class RunDirectory:
         return text
 
 
+class TrialLog:
+    """The trials of a running search, kept as they finish (the engine hands each one over).
+
+    Each record is appended to ``trials.*`` (no rewrite), indexed by trial number, and folded
+    into an incremental 2-D Pareto front (a new point drops the points it dominates, or is
+    dropped: O(front) per trial); ``pareto.json`` is rewritten only when the front or the
+    largest cost (the hypervolume's reference point) changes.
+    """
+
+    def __init__(self, run_dir: RunDirectory, *, cost: str, write: bool = True) -> None:
+        self.run_dir = run_dir
+        self.cost = cost
+        self.write = write
+        self.records: dict[int, TrialResult] = {}
+        self.front: list[TrialResult] = []
+        self.max_cost: float | None = None
+
+    def _point(self, r: TrialResult) -> tuple[float, float] | None:
+        c = r.judged_cost(self.cost)
+        if r.state != "COMPLETE" or c is None or r.accuracy is None:
+            return None
+        if not math.isfinite(r.accuracy) or not math.isfinite(c):
+            return None
+        return (c, -float(r.accuracy))
+
+    def _fold(self, r: TrialResult) -> bool:
+        """Fold ``r`` into the front; True when the front or its reference point changed."""
+        p = self._point(r)
+        if p is None:
+            return False
+        grew = self.max_cost is None or p[0] > self.max_cost  # moves the reference point
+        self.max_cost = p[0] if self.max_cost is None else max(self.max_cost, p[0])
+        kept = []
+        for f in self.front:
+            q = self._point(f)
+            assert q is not None
+            if dominates(q, p) or q == p:  # equal points: the first trial keeps its place
+                return grew
+            if not dominates(p, q):
+                kept.append(f)
+        self.front = kept + [r]
+        return True
+
+    def load(self, records: Sequence[TrialResult]) -> None:
+        """Index records already on disk (a resumed search) without writing them again."""
+        for r in records:
+            self.records[r.number] = r
+            self._fold(r)
+
+    def add(self, record: TrialResult) -> None:
+        """A trial finished (or was marked lost): append, index, update the front."""
+        self.records[record.number] = record
+        changed = self._fold(record)
+        if not self.write:
+            return
+        self.run_dir.append_trial(record)
+        if changed:
+            self.run_dir.write_pareto(
+                self.front, cost=self.cost, plot=False, max_cost=self.max_cost
+            )
+
+    def results(self) -> list[TrialResult]:
+        """Every known record, by trial number."""
+        return [self.records[n] for n in sorted(self.records)]
+
+
 def summary_text(
     results: Sequence[TrialResult],
     baselines: Sequence[TrialResult] = (),
@@ -381,6 +477,17 @@ def summary_text(
     states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "none"
     best = best_result(results, multi_objective=multi_objective)
     lines = [f"# {title}", "", f"- score: {score}", f"- trials: {len(results)} ({states})"]
+    evaluated = {r.spec for r in results if r.spec and r.state != "RUNNING" and not _lost(r)}
+    reused = sum(1 for r in results if "duplicate_of" in r.metrics)
+    lines.append(
+        f"- distinct architectures evaluated: {len(evaluated)}"
+        + (f" ({reused} repeated suggestions reused a stored result)" if reused else "")
+    )
+    lost = [r for r in results if _lost(r)]
+    if lost:
+        lines.append(
+            f"- lost or interrupted trials (not counted, replaced by new ones): {len(lost)}"
+        )
     if best is not None:
         lines += [
             f"- best: trial {best.number}, accuracy {100 * (best.accuracy or 0):.2f}%, "

@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from aanas.config import COST_METRICS, SCORES, SearchRecipe
+
 __all__ = [
     "COST_METRICS",
     "HARD_EXPONENTS",
@@ -36,11 +38,6 @@ __all__ = [
 # (alpha, beta) of MnasNet Eq. 2 (arXiv:1807.11626, Sec. 3).
 SOFT_EXPONENTS: tuple[float, float] = (-0.07, -0.07)
 HARD_EXPONENTS: tuple[float, float] = (0.0, -1.0)
-# soft / hard: MnasNet reward with the exponents above; pareto: (accuracy, cost) objectives;
-# accuracy: accuracy alone (a budget, if any, still rejects candidates).
-SCORES: tuple[str, ...] = ("soft", "hard", "pareto", "accuracy")
-# Cost the reward/objectives use: analytical MACs or measured latency (TrialResult field names).
-COST_METRICS: tuple[str, ...] = ("macs", "latency_ms")
 
 
 def mnasnet_reward(
@@ -122,6 +119,18 @@ class Scorer:
         assert reward is not None
         return (reward,)
 
+    @classmethod
+    def from_recipe(cls, recipe: SearchRecipe, *, default_target_macs: float = 0.0) -> Scorer:
+        """The scorer ``recipe`` asks for; ``default_target_macs`` fills a missing MACs target.
+
+        The reward's metric is latency when a latency target is set, else MACs.
+        """
+        metric = recipe.cost_metric
+        target = recipe.target_latency_ms if metric == "latency_ms" else recipe.target_macs
+        if target == 0 and metric == "macs":
+            target = default_target_macs
+        return cls(mode=recipe.score, metric=metric, target=target)
+
     def describe(self) -> str:
         """One line for logs and summary.md."""
         if self.mode == "pareto":
@@ -148,6 +157,11 @@ class Budget:
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0 (0 = off), got {value!r}")
 
+    @classmethod
+    def from_recipe(cls, recipe: SearchRecipe) -> Budget:
+        """The hard limits ``recipe`` sets (``max_macs``, ``max_latency_ms``)."""
+        return cls(max_macs=recipe.max_macs, max_latency_ms=recipe.max_latency_ms)
+
     @property
     def active(self) -> bool:
         """True when any limit is set."""
@@ -162,10 +176,15 @@ class Budget:
         return ""
 
     def constraints(self, macs: float | None, latency_ms: float | None) -> tuple[float, ...]:
-        """Optuna ``constraints_func`` values: <= 0 means feasible (one per active limit)."""
+        """Optuna constraint values: <= 0 means feasible (one per active limit).
+
+        ``latency_ms`` is the judged latency (measured, else predicted:
+        :meth:`aanas.results.TrialResult.judged_cost`). An unknown cost is +inf, infeasible:
+        a candidate is never feasible by default.
+        """
         out: list[float] = []
         if self.max_macs > 0:
-            out.append((macs or 0.0) - self.max_macs)
+            out.append(math.inf if macs is None else float(macs) - self.max_macs)
         if self.max_latency_ms > 0:
-            out.append((latency_ms or 0.0) - self.max_latency_ms)
+            out.append(math.inf if latency_ms is None else float(latency_ms) - self.max_latency_ms)
         return tuple(out)
