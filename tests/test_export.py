@@ -251,6 +251,12 @@ def test_cli_exports_trained_aa_resnet50(
     torch.manual_seed(0)
     model = create_model("aa_resnet50", num_classes=10, input_size=32)
     _trained_like_bn(model)
+    # Keep those statistics through the 2 steps (BN momentum 0): at 32 px, stage 4 sees 1x1 maps,
+    # so a batch of 4 would pull its running variances toward 4-sample estimates and leave a
+    # chaotic net (seen: onnxruntime 15x PyTorch's own round-off on one input), not a trained one.
+    for bn in model.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.momentum = 0.0
     recipe = TrainRecipe(epochs=1, batch_size=4, lr=1e-4, momentum=0.0, max_train_batches=2)
     data = build_data("digits", input_size=32, batch_size=4, augment=False, val_fraction=0.0)
     fit(model, data, recipe, out_dir=tmp_path / "train", progress=False, evaluate_test=False)
