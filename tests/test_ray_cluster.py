@@ -156,23 +156,25 @@ def ray_cluster() -> Iterator[Cluster]:
         )
         procs.append(node2)
         probe = (
-            "import json, ray; ray.init(address=%r, log_to_driver=False); "
+            "import json, sys, ray; ray.init(address=sys.argv[1], log_to_driver=False); "
             "print(json.dumps({n['NodeID']: n['Resources'] for n in ray.nodes() if n['Alive']}))"
-        ) % address
+        )
         nodes: dict[str, dict[str, float]] = {}
 
         def two_nodes() -> bool:
             out = subprocess.run(
-                [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120
+                [sys.executable, "-c", probe, address],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
             )
             if out.returncode == 0:
                 nodes.clear()
                 nodes.update(json.loads(out.stdout.strip().splitlines()[-1]))
             return len(nodes) == 2
 
-        _wait_for(
-            "second node", two_nodes, START_TIMEOUT_S, [(head, head_log), (node2, node_log)]
-        )
+        _wait_for("second node", two_nodes, START_TIMEOUT_S, [(head, head_log), (node2, node_log)])
         yield Cluster(address=address, env=env, nodes=dict(nodes), tmp=tmp)
     finally:
         for proc in reversed(procs):
