@@ -1,24 +1,21 @@
-"""Engine overhead per candidate: Optuna (in-memory, SQLite) vs Ray Tune, evaluation excluded.
+"""Per-trial overhead of ``run_search`` (Optuna engine) against plain Optuna on the same storage.
 
-Every configuration searches the ``tiny`` space with a trivial evaluator (a fixed accuracy,
-returned instantly), so the time is the engine's own: suggesting params, decoding, the
-analytical cost, storage, callbacks and, for :func:`aanas.search.run_search`, rewriting the run
-directory after every trial.
+Both sides search the ``tiny`` space with the same sampler and a trivial evaluator (a fixed
+accuracy, returned at once), on Optuna's journal file storage (``run_search``'s default), so the
+time is the engines' own:
 
-- ``optuna-mem``: :class:`~aanas.search.optuna_engine.OptunaEngine` on an in-memory study
-  (``engine.study`` set before ``run()``; ``run_search`` itself always opens an RDB storage);
-- ``optuna-sqlite``: the same engine on ``sqlite:///<tmp>/study.db`` (heartbeats on);
-- ``run_search optuna``: the full ``aanas search`` path (SQLite + run-directory files per trial);
-- ``run_search ray optuna-tpe`` / ``ray random``: ``--engine ray`` with OptunaSearch(TPE) and
-  Ray's own random search, local Ray. ``ray.init`` is timed separately (done before the search,
-  so the engine finds Ray initialised), and each Ray search runs twice (N1 and N2 trials), so
-  the marginal cost per trial ``(t(N2) - t(N1)) / (N2 - N1)`` is apart from the fixed Tuner
-  setup.
+- ``plain optuna``: ``study.optimize`` whose objective suggests the same parameters
+  (:func:`aanas.search.adapters.suggest_params`) and returns a constant;
+- ``run_search``: the full ``aanas search`` path: claim lock, count and duplicate check per
+  trial, decode, analytical cost, the MnasNet reward, result attributes, appends to
+  ``trials.jsonl``/``trials.csv``, the incremental Pareto front, and the final summary.
 
-Ratios are measured in one run (the machine is shared and noisy):
+Both runs happen in one process, one after the other, ``--repeat`` times in alternation
+(plain, run_search, plain, run_search, ...), and the ratio is taken per pair: the machine is
+shared and noisy, so compare the ratio, not absolute times.
 
-    python benchmarks/engine_overhead.py                 # 50 Optuna trials, 10/25 Ray trials
-    python benchmarks/engine_overhead.py --quick
+    python benchmarks/engine_overhead.py                  # 1000 trials, TPE
+    python benchmarks/engine_overhead.py --trials 200 --sampler random
 """
 
 from __future__ import annotations
@@ -26,22 +23,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
+import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
-from aanas.search import Evaluation, Objective, SearchRecipe, run_search
-from aanas.search.optuna_engine import OptunaEngine
+from aanas.search import Evaluation, SearchRecipe, run_search
+from aanas.search.adapters import optuna_sampler, suggest_params
+from aanas.search.scoring import Scorer
 from aanas.space import SearchSpace
 
 
 @dataclasses.dataclass(frozen=True)
 class ConstantEvaluator:
-    """Returns ``accuracy`` at once. Frozen dataclass: picklable for Ray and hashable by value,
-    so a Ray worker's per-process objective cache (keyed by the trial context, which holds the
-    evaluator) hits on every trial after the first instead of rebuilding the objective."""
+    """Returns ``accuracy`` at once (picklable, hashable)."""
 
     accuracy: float = 0.5
     name: str = "constant"
@@ -50,128 +47,67 @@ class ConstantEvaluator:
         return Evaluation(self.accuracy)
 
 
-def _recipe(**kw: Any) -> SearchRecipe:
-    return SearchRecipe(space="tiny", score="soft", sampler="tpe", **kw)
-
-
-def optuna_engine(recipe: SearchRecipe, storage: str | None) -> float:
-    """Seconds for ``recipe.trials`` trials of the bare OptunaEngine (no run-directory IO)."""
+def plain_optuna(recipe: SearchRecipe, journal: Path) -> float:
+    """Seconds for ``recipe.trials`` trials of ``study.optimize`` on a journal file."""
     import optuna
-
-    from aanas.search import _count, _default_target_macs
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     space = SearchSpace.from_yaml(recipe.space)
-    scorer = recipe.scorer(default_target_macs=_default_target_macs(space, _count))
-    objective = Objective(space, ConstantEvaluator(), scorer=scorer, seed=recipe.seed)
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    sampler = optuna_sampler(recipe, Scorer("accuracy"), workers=2)  # constant liar, as ours
+    study = optuna.create_study(storage=storage, sampler=sampler, direction="maximize")
     t0 = time.perf_counter()
-    engine = OptunaEngine(
-        space, objective, recipe, storage=storage or "", study_name=f"bench-{time.time_ns()}"
-    )
-    if storage is None:
-        optuna.logging.set_verbosity(optuna.logging.ERROR)
-        engine.study = optuna.create_study(
-            sampler=engine.make_sampler(recipe.seed), directions=list(scorer.directions)
-        )
-    results = engine.run()
-    elapsed = time.perf_counter() - t0
-    assert sum(r.state == "COMPLETE" for r in results) == recipe.trials, results[:3]
-    return elapsed
+    study.optimize(lambda trial: (suggest_params(space, trial), 0.5)[1], n_trials=recipe.trials)
+    return time.perf_counter() - t0
 
 
-def full_search(recipe: SearchRecipe, out: Path) -> float:
+def full_search(recipe: SearchRecipe, out: Path) -> tuple[float, int]:
+    """Seconds for ``run_search`` and the number of distinct architectures it evaluated."""
     t0 = time.perf_counter()
     outcome = run_search(recipe, out=out, progress=False, evaluator=ConstantEvaluator())
     elapsed = time.perf_counter() - t0
-    done = sum(r.state == "COMPLETE" for r in outcome.results)
-    if done != recipe.trials:
-        raise SystemExit(f"{out}: {done} of {recipe.trials} trials complete: {outcome.results}")
-    return elapsed
+    finished = [r for r in outcome.results if r.state in ("COMPLETE", "REJECTED")]
+    if len(finished) != recipe.trials:
+        raise SystemExit(f"{out}: {len(finished)} of {recipe.trials} trials finished")
+    distinct = len({r.spec for r in outcome.results if "duplicate_of" not in r.metrics})
+    return elapsed, distinct
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--optuna-trials", type=int, default=50)
-    parser.add_argument("--ray-trials", type=int, nargs=2, default=[10, 25], metavar=("N1", "N2"))
-    parser.add_argument("--num-cpus", type=int, default=2, help="local Ray CPUs (1 per trial)")
-    parser.add_argument("--skip-ray", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="20 Optuna, 5/12 Ray trials")
+    parser.add_argument("--trials", type=int, default=1000)
+    parser.add_argument("--sampler", default="tpe", choices=["tpe", "random"])
+    parser.add_argument("--repeat", type=int, default=1, help="alternating pairs of runs")
     args = parser.parse_args()
-    if args.quick:
-        args.optuna_trials, args.ray_trials = 20, [5, 12]
     logging.getLogger("aanas").setLevel(logging.ERROR)
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    tmp = Path(tempfile.mkdtemp(prefix="aanas-overhead-"))
-    n = args.optuna_trials
-    rows: list[tuple[str, int, float, float]] = []  # name, trials, total s, s/trial
+    warnings.simplefilter("ignore")
+    import optuna
 
-    def add(name: str, trials: int, seconds: float) -> None:
-        rows.append((name, trials, seconds, seconds / trials))
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    tmp = Path(tempfile.mkdtemp(prefix="aanas-overhead-"))
+    recipe = SearchRecipe(space="tiny", score="soft", sampler=args.sampler, trials=args.trials)
+    # warm-up (imports, space cache), not counted
+    plain_optuna(dataclasses.replace(recipe, trials=3), tmp / "warm.journal")
+    full_search(dataclasses.replace(recipe, trials=3), tmp / "warm")
+    ratios = []
+    for k in range(args.repeat):
+        plain = plain_optuna(recipe, tmp / f"plain-{k}.journal")
+        ours, distinct = full_search(recipe, tmp / f"run-{k}")
+        ratios.append(ours / plain)
         print(
-            f"{name}: {trials} trials in {seconds:.2f}s = {seconds / trials:.4f} s/trial",
+            f"pair {k}: plain optuna {plain:.1f} s ({1000 * plain / args.trials:.1f} ms/trial), "
+            f"run_search {ours:.1f} s ({1000 * ours / args.trials:.1f} ms/trial, "
+            f"{distinct} distinct architectures evaluated), ratio {ours / plain:.2f}x",
             flush=True,
         )
-
-    # warm-up: imports (optuna, sqlalchemy) and the space cache, not counted
-    optuna_engine(_recipe(trials=2), None)
-
-    add("optuna-mem (OptunaEngine)", n, optuna_engine(_recipe(trials=n), None))
-    add(
-        "optuna-sqlite (OptunaEngine)",
-        n,
-        optuna_engine(_recipe(trials=n), f"sqlite:///{tmp / 'engine.db'}"),
+    print()
+    print(
+        f"## run_search / plain Optuna, {args.trials} trials, {args.sampler}, journal file "
+        "storage, trivial evaluator (one run; shared, noisy machine)"
     )
-    add("run_search optuna (sqlite + run dir)", n, full_search(_recipe(trials=n), tmp / "optuna"))
-    rand = dataclasses.replace(_recipe(trials=n), sampler="random")
-    add("optuna-mem random (OptunaEngine)", n, optuna_engine(rand, None))
-
-    ray_init_s = float("nan")
-    ray_rows: dict[str, tuple[float, float]] = {}
-    if not args.skip_ray:
-        import ray
-
-        t0 = time.perf_counter()
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-        ray_init_s = time.perf_counter() - t0
-        print(f"ray.init: {ray_init_s:.2f}s", flush=True)
-        n1, n2 = args.ray_trials
-        for label, sampler in (("ray optuna-tpe", "tpe"), ("ray random", "random")):
-            times = []
-            for trials in (n1, n2):
-                recipe = _recipe(trials=trials, engine="ray", num_cpus=args.num_cpus)
-                recipe = dataclasses.replace(recipe, sampler=sampler)
-                seconds = full_search(recipe, tmp / f"{sampler}-{trials}")
-                add(f"run_search {label}", trials, seconds)
-                times.append(seconds)
-            marginal = (times[1] - times[0]) / (n2 - n1)
-            ray_rows[label] = (marginal, times[0] - marginal * n1)
-        ray.shutdown()
-
     print()
-    print(f"## Engine overhead per trial (trivial evaluator, tiny space), Ray CPUs {args.num_cpus}")
-    print()
-    print("| configuration | trials | total s | s/trial | vs optuna-mem | vs optuna-sqlite |")
-    print("|---|---|---|---|---|---|")
-    mem = rows[0][3]
-    sql = rows[1][3]
-    for name, trials, total, per in rows:
-        print(
-            f"| {name} | {trials} | {total:.2f} | {per:.4f} | {per / mem:.2f}x | {per / sql:.2f}x |"
-        )
-    if ray_rows:
-        print()
-        print(f"ray.init (local, {args.num_cpus} CPUs, once): {ray_init_s:.2f} s")
-        print()
-        print(
-            "| Ray search | marginal s/trial | fixed s per search | marginal / optuna-mem | "
-            "marginal / optuna-sqlite | marginal / run_search optuna |"
-        )
-        print("|---|---|---|---|---|---|")
-        full = rows[2][3]
-        for label, (marginal, fixed) in ray_rows.items():
-            print(
-                f"| {label} | {marginal:.4f} | {fixed:.2f} | {marginal / mem:.1f}x | "
-                f"{marginal / sql:.1f}x | {marginal / full:.1f}x |"
-            )
+    print(f"ratio per pair: {', '.join(f'{r:.2f}x' for r in ratios)}; "
+          f"median {statistics.median(ratios):.2f}x (goal <= 2x)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import pytest
 
 from aanas.results import (
     TrialResult,
+    append_csv,
+    append_jsonl,
     dominates,
     hypervolume_2d,
     pareto,
@@ -146,3 +148,63 @@ def test_results_hypervolume_uses_accuracy_up_cost_down():
     # minimise (macs, -acc) against reference (macs 8, acc 0): 6 * 0.5 + 4 * 0.25 = 4.0
     assert results_hypervolume(rs, ref_cost=8) == pytest.approx(4.0)
     assert results_hypervolume(rs, ref_cost=8, cost_scale=8) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pareto_indices_2d_sweep_matches_brute_force_with_ties(seed):
+    """The O(n log n) 2-D sweep against the O(n^2) definition, on a small grid full of ties
+    (equal x, equal y, duplicated points)."""
+    rng = random.Random(seed)
+    pts = [(rng.randint(0, 8), rng.randint(0, 8)) for _ in range(60)]
+    assert pareto_indices(pts) == _brute_front(pts)
+    floats = [(rng.uniform(0, 1), rng.uniform(0, 1)) for _ in range(300)]
+    assert pareto_indices(floats) == _brute_front(floats)
+
+
+def test_append_then_read_keeps_order_and_skips_a_cut_last_line(tmp_path):
+    path = tmp_path / "t.jsonl"
+    records = [_record(i, 0.5 + i / 100, 10 + i) for i in range(3)]
+    for r in records:
+        append_jsonl(path, [r])
+        append_csv(tmp_path / "t.csv", [r])
+    assert read_jsonl(path) == records
+    assert read_csv(tmp_path / "t.csv") == records  # one header, then the rows
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write('{"number": 3, "state": "COMP')  # a kill during an append
+    with pytest.raises(ValueError, match="t.jsonl:4"):
+        read_jsonl(path)
+    assert read_jsonl(path, tolerate_partial_tail=True) == records
+
+
+def test_judged_cost_prefers_measured_then_predicted_latency():
+    r = TrialResult(number=0, state="COMPLETE", macs=5, latency_pred_ms=2.0)
+    assert r.judged_cost("latency_ms") == 2.0 and r.judged_cost("macs") == 5.0
+    assert r.replace(latency_ms=1.5).judged_cost("latency_ms") == 1.5
+    assert r.replace(latency_pred_ms=None).judged_cost("latency_ms") is None
+    # the front over latency uses the prediction when nothing was measured
+    rs = [
+        TrialResult(number=0, state="COMPLETE", accuracy=0.8, latency_pred_ms=2.0),
+        TrialResult(number=1, state="COMPLETE", accuracy=0.7, latency_pred_ms=3.0),
+    ]
+    assert [x.number for x in pareto(rs, "latency_ms")] == [0]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_trial_log_incremental_front_equals_the_batch_front(tmp_path, seed):
+    from aanas.search.run_dir import RunDirectory, TrialLog
+
+    rng = random.Random(seed)
+    log = TrialLog(RunDirectory(tmp_path).create(), cost="macs")
+    records = []
+    for i in range(120):
+        state = rng.choice(["COMPLETE"] * 4 + ["FAIL", "PRUNED"])
+        r = _record(i, rng.randint(50, 60) / 100, rng.randint(1, 12), state=state)
+        records.append(r)
+        log.add(r)
+        assert sorted(f.number for f in log.front) == sorted(x.number for x in pareto(records))
+    assert read_jsonl(tmp_path / "trials.jsonl") == records
+    saved = json.loads((tmp_path / "pareto.json").read_text())
+    assert [p["number"] for p in saved["front"]] == [x.number for x in pareto(records)]
+    assert saved["reference"]["macs"] == pytest.approx(
+        1.1 * max(r.macs for r in records if r.state == "COMPLETE")
+    )

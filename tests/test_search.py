@@ -357,3 +357,131 @@ def test_ray_search_writes_run_dir_and_resumes(tmp_path, ray_local):
     # same command again: restored from the experiment folder, nothing lost
     again = run_search(recipe, out=out, evaluator=SpecEvaluator(), progress=False)
     assert [r.spec for r in again.results] == [r.spec for r in outcome.results]
+
+
+# --- the cost a trial is judged on (measured, else predicted latency) ---------------------------
+
+EIGHT = """
+name: eight
+base: "mnasnet:i32_n10_w1_d0:conv_c16_k3_s2:ds_r1_k3_s1_e1_c16_noskip/ir_r1_k3_s1_e3_c24:c0"
+stages:
+  1:
+    depth: [1, 2]
+    kernel: [3, 5]
+    expansion: [3, 6]
+"""
+
+
+def test_predicted_latency_constrains_nsga2(tmp_path):
+    """``--latency predict``: the budget reads the predicted latency (there is no measured one),
+    so over-budget candidates are infeasible for NSGA-II, not feasible at latency 0."""
+    import optuna
+
+    from aanas.cost.latency import LatencyTable
+    from aanas.search.optuna_engine import open_storage
+    from aanas.spec import decode
+
+    space_path = tmp_path / "eight.yaml"
+    space_path.write_text(EIGHT)
+    space = SearchSpace.from_yaml(space_path)
+    rng = np.random.default_rng(0)
+    specs = sorted({space.decode(space.sample_params(rng)).encode() for _ in range(200)})
+    assert len(specs) == 8
+    table = LatencyTable()  # synthetic entries: 0.1, 0.2, ... ms per distinct part
+    for text in specs:
+        for sig in table.missing(decode(text)):
+            table.entries[sig] = 0.1 * (1 + len(table.entries))
+    table.save(tmp_path / "lut.yaml")
+    predicted = {s: table.predict(decode(s)) for s in specs}
+    limit = 1.65  # between the 4th and 5th of the eight predictions: half are over
+    assert sum(p > limit for p in predicted.values()) == 4
+    recipe = SearchRecipe(
+        space=str(space_path),
+        trials=16,
+        score="pareto",
+        latency="predict",
+        latency_table=str(tmp_path / "lut.yaml"),
+        max_latency_ms=limit,
+    )
+    out = tmp_path / "run"
+    ev = SpecEvaluator()
+    outcome = run_search(recipe, out=out, evaluator=ev, progress=False)
+    assert outcome.results and all(r.latency_ms is None for r in outcome.results)
+    for r in outcome.results:
+        assert r.latency_pred_ms == pytest.approx(predicted[r.spec])
+        assert (r.state == "REJECTED") == (predicted[r.spec] > limit), r
+    assert all(predicted[s] <= limit for s in ev.seen)  # over budget: never evaluated
+    study = optuna.load_study(
+        study_name=out.resolve().name,
+        storage=open_storage(str(out / "study.journal"), heartbeat_s=1, grace_s=2),
+    )
+    for t in study.get_trials(deepcopy=False):
+        (violation,) = [v for k, v in t.system_attrs.items() if k.startswith("constraints")]
+        spec = t.user_attrs["spec"]
+        assert (violation > 0) == (predicted[spec] > limit), (spec, violation)
+    assert study.best_trials and all(
+        predicted[t.user_attrs["spec"]] <= limit for t in study.best_trials
+    )
+    assert outcome.front and all(r.latency_pred_ms <= limit for r in outcome.front)
+
+
+# --- start-up validation and exit codes -----------------------------------------------------------
+
+
+def test_unknown_baseline_fails_before_any_work(tmp_path, capsys, monkeypatch):
+    import aanas.search.evaluators as evaluators
+
+    def boom(*a, **k):
+        raise AssertionError("the supernet must not be prepared for a bad --baselines")
+
+    monkeypatch.setattr(evaluators, "prepare_supernet", boom)
+    monkeypatch.setattr(evaluators, "build_data_for", boom)
+    code = main(["search", "--out", str(tmp_path / "r"), "--no-progress",
+                 "--baselines", "resnet18,no_such_net"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "no_such_net" in err and "baselines" in err
+    assert not (tmp_path / "r" / "trials.jsonl").exists()
+
+
+def test_search_with_no_completed_trial_exits_non_zero(tmp_path, capsys, monkeypatch):
+    import aanas.search.evaluators as evaluators
+
+    monkeypatch.setattr(evaluators, "build_evaluator", lambda *a, **k: SpecEvaluator(fail_on=":"))
+    monkeypatch.setattr(
+        evaluators, "build_data_for", lambda *a, **k: type("D", (), {"num_classes": 10})()
+    )
+    code = main(["search", "--out", str(tmp_path / "r"), "--no-progress", "--trials", "3",
+                 "--evaluator", "train"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "no trial completed" in captured.err and captured.err.count("\n") == 1
+    assert "3 fail" in captured.out
+
+
+# --- package shape (issue 11 item 8) ---------------------------------------------------------------
+
+
+def test_engines_share_one_interface_and_the_package_init_only_reexports():
+    import ast
+
+    import aanas.config
+    import aanas.search
+    from aanas.search import SearchEngine, engine_names, get_engine
+
+    assert engine_names() == ["optuna", "ray"]
+    for name in engine_names():
+        cls = get_engine(name)
+        assert issubclass(cls, SearchEngine) and cls.name == name
+    with pytest.raises(ValueError, match="engine must be one of"):
+        get_engine("hyperopt")
+    assert aanas.search.SearchRecipe is aanas.config.SearchRecipe
+    pkg = REPO / "aanas" / "search"
+    init = ast.parse((pkg / "__init__.py").read_text())
+    assert not [n for n in init.body if isinstance(n, ast.FunctionDef | ast.ClassDef)]
+    ray_src = (pkg / "ray_engine.py").read_text()
+    assert "from aanas.search import" not in ray_src and "OptunaEngine" not in ray_src
+    assert "build_objective" in ray_src  # the one builder of the objective, also in workers
+    runner_src = (pkg / "runner.py").read_text()
+    assert 'engine == "' not in runner_src and "engine == '" not in runner_src
+    defined = [p.name for p in pkg.glob("*.py") if "class TrialFailedError" in p.read_text()]
+    assert defined == ["objective.py"]

@@ -46,9 +46,7 @@ class SearchContext:
         scorer: reward or Pareto objectives (its target already resolved).
         run_dir: the run directory.
         study_name: name of the study/experiment (many workers share it).
-        storage: Optuna storage URL or journal file (None for engines without one).
         evaluator: a custom evaluator replacing the one the recipe names (tests, predictors).
-        worker: this process's identity among workers sharing the study (seeds its sampler).
     """
 
     space: Any
@@ -56,9 +54,7 @@ class SearchContext:
     scorer: Scorer
     run_dir: RunDirectory
     study_name: str
-    storage: str | None = None
     evaluator: Evaluator | None = None
-    worker: str = ""
 
     @property
     def supernet_path(self) -> Path | None:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from aanas.config import SearchRecipe
+from aanas.errors import RecipeError
 from aanas.results import atomic_write_bytes
 from aanas.search.objective import Evaluation, Evaluator, Objective, Reporter
 from aanas.search.scoring import Budget, Scorer
@@ -354,8 +355,19 @@ def latency_fns(
 
         if table is None:
             assert recipe.latency_table is not None  # SearchRecipe checks it
-            table = LatencyTable.load(recipe.latency_table)
-        return None, lambda spec: float(table.predict(spec))
+            loaded = LatencyTable.load(recipe.latency_table)
+            if loaded is None:  # measured on another machine (LatencyTable.load logged which)
+                raise RecipeError(
+                    f"latency_table {recipe.latency_table!r} was measured on another machine: "
+                    "rebuild it here (aanas profile --build-lut) or use --latency measure"
+                )
+            table = loaded
+        lut: LatencyTable = table
+
+        def predicted(spec: ArchSpec) -> float:
+            return float(lut.predict(spec))
+
+        return None, predicted
     return None, None
 
 

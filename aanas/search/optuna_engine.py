@@ -29,7 +29,8 @@ its architecture:
 - Ctrl-C / SIGTERM marks the running trial FAIL ("interrupted", not counted) before exiting.
 
 Trial records live in user attributes (visible in optuna-dashboard): ``result`` (the full
-:class:`~aanas.results.TrialResult`), ``spec``, ``worker``, ``error``, ``lost``.
+:class:`~aanas.results.TrialResult`), ``spec``, ``worker``, ``error``, ``lost``,
+``duplicate_of``.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ _ATTR_WORKER = "worker"  # which worker runs it (liveness of file-storage worker
 _ATTR_ERROR = "error"
 _ATTR_LOST = "lost"  # why the trial ended without a result; such trials are not counted
 _ATTR_CONSTRAINTS = "constraints"  # budget constraint values (<= 0 feasible), NSGA-II
+_ATTR_DUPLICATE = "duplicate_of"  # a repeated spec: the trial whose result was reused
 _STUDY_KEY = "aanas"  # study user attr: what the study was created for
 _STUDY_WORKERS = "aanas_workers"  # study user attr: how many workers have joined
 
@@ -84,7 +86,7 @@ def resolve_storage(storage: str | None, run_dir: Any) -> str:
         return storage
     if run_dir.study_db.is_file():
         return f"sqlite:///{run_dir.study_db.resolve()}"
-    return str((run_dir.path / "study.journal").resolve())
+    return str(run_dir.study_journal.resolve())
 
 
 def _is_url(storage: str) -> bool:
@@ -135,6 +137,8 @@ def _quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.simplefilter("ignore", FutureWarning)
+        # ask()/tell() with an RDB heartbeat: this engine records the heartbeats itself
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
         yield
 
 
@@ -348,7 +352,7 @@ class OptunaEngine(SearchEngine):
                         sampler=self.make_sampler(self.recipe.seed),
                         pruner=self.make_pruner(),
                         study_name=self.study_name,
-                        directions=directions,
+                        directions=directions,  # type: ignore[arg-type]
                         load_if_exists=True,
                     )
             except Exception as exc:
@@ -431,6 +435,8 @@ class OptunaEngine(SearchEngine):
                 return None
             with _quiet():
                 trial = study.ask()
+            with self._active_lock:  # from here on, an interrupt marks it
+                self._active[trial.number] = trial
             trial.set_user_attr(_ATTR_WORKER, self.worker)
             if not self._local_files:
                 study._storage.record_heartbeat(trial._trial_id)
@@ -510,10 +516,9 @@ class OptunaEngine(SearchEngine):
                 trial.report(accuracy, epoch)
                 return bool(trial.should_prune())
 
-        with self._heartbeat(trial):
-            return self.objective.evaluate_spec(
-                claim.spec, number=trial.number, params=claim.params, report=report
-            )
+        return self.objective.evaluate_spec(
+            claim.spec, number=trial.number, params=claim.params, report=report
+        )
 
     def _tell(self, trial: Any, result: TrialResult) -> None:
         """Record ``result`` on the trial and finish it in the storage."""
@@ -521,6 +526,8 @@ class OptunaEngine(SearchEngine):
 
         assert self.objective is not None
         trial.set_user_attr(_ATTR_RESULT, result.to_dict())
+        if "duplicate_of" in result.metrics:  # visible in optuna-dashboard
+            trial.set_user_attr(_ATTR_DUPLICATE, int(result.metrics["duplicate_of"]))
         budget = self.objective.budget
         constraints = budget.constraints(result.macs, result.judged_cost("latency_ms"))
         if constraints:
@@ -548,14 +555,29 @@ class OptunaEngine(SearchEngine):
 
     def _run_one(self, claim: _Claim) -> None:
         trial = claim.trial
-        with self._active_lock:
-            self._active[trial.number] = trial
-        try:
+        # On an exception (Ctrl-C, SIGTERM) the trial stays in _active for interrupt().
+        with self._heartbeat(trial):  # also while waiting for a twin trial
             result = self._evaluate(claim)
+        try:
             self._tell(trial, result)
-        finally:
+        except Exception as exc:
+            import optuna
+
+            if not isinstance(exc, optuna.exceptions.UpdateFinishedTrialError):
+                raise
+            # Another worker saw no heartbeat for grace_s (an overloaded machine) and marked
+            # the trial lost: it stays lost and uncounted, so the study still ends exact.
+            _LOG.warning(
+                "trial %d was marked lost by another worker (no heartbeat for %d s); its "
+                "result is dropped (raise --set grace_s=... on a loaded machine)",
+                trial.number,
+                self.recipe.grace_s,
+            )
             with self._active_lock:
                 self._active.pop(trial.number, None)
+            return
+        with self._active_lock:
+            self._active.pop(trial.number, None)
         if self.on_trial is not None:
             self.on_trial(result)
 
@@ -619,6 +641,9 @@ class OptunaEngine(SearchEngine):
                     "SIGINT (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__
                 )
                 marked = self.interrupt(f"interrupted by {name}: not counted, rerun to resume")
+                with contextlib.suppress(Exception), self._claim_lock:
+                    # a trial asked for just as the signal came, before it had a worker
+                    self._fail_lost(study, study.get_trials(deepcopy=False))
                 if marked:
                     _LOG.warning(
                         "%s: trial(s) %s marked FAIL (interrupted, not counted)",

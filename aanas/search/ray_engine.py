@@ -306,7 +306,7 @@ class RayEngine(SearchEngine):
         self.scorer = ctx.scorer
         self.run_dir = ctx.run_dir
         self.on_trial: OnTrial | None = None
-        self.name = ctx.study_name
+        self.experiment_name = ctx.study_name
 
     def check(self) -> None:
         """Start or join Ray now: an unreachable ``--address`` fails before any training."""
@@ -335,7 +335,7 @@ class RayEngine(SearchEngine):
     @property
     def experiment_dir(self) -> Path:
         """``<run dir>/ray/<name>``: Ray's experiment folder (resume point)."""
-        return (self.run_dir.path / "ray" / self.name).resolve()
+        return (self.run_dir.path / "ray" / self.experiment_name).resolve()
 
     def _init_ray(self) -> None:
         import ray
@@ -479,7 +479,7 @@ class RayEngine(SearchEngine):
                     reuse_actors=True,
                 ),
                 run_config=tune.RunConfig(
-                    name=self.name,
+                    name=self.experiment_name,
                     storage_path=str(exp_dir.parent),
                     callbacks=[callback],
                     # a trial whose worker or node dies is retried from its last checkpoint

@@ -158,7 +158,13 @@ class RunDirectory:
 
     @property
     def study_db(self) -> Path:
+        """SQLite storage of run directories made before the journal default."""
         return self.path / "study.db"
+
+    @property
+    def study_journal(self) -> Path:
+        """Optuna journal file storage (the default ``--storage``)."""
+        return self.path / "study.journal"
 
     @property
     def models_dir(self) -> Path:
@@ -346,7 +352,8 @@ class TrialLog:
 
     Each record is appended to ``trials.*`` (no rewrite), indexed by trial number, and folded
     into an incremental 2-D Pareto front (a new point drops the points it dominates, or is
-    dropped: O(front) per trial); ``pareto.json`` is rewritten only when the front changes.
+    dropped: O(front) per trial); ``pareto.json`` is rewritten only when the front or the
+    largest cost (the hypervolume's reference point) changes.
     """
 
     def __init__(self, run_dir: RunDirectory, *, cost: str, write: bool = True) -> None:
@@ -366,17 +373,18 @@ class TrialLog:
         return (c, -float(r.accuracy))
 
     def _fold(self, r: TrialResult) -> bool:
-        """Fold ``r`` into the front; True when the front changed."""
+        """Fold ``r`` into the front; True when the front or its reference point changed."""
         p = self._point(r)
         if p is None:
             return False
+        grew = self.max_cost is None or p[0] > self.max_cost  # moves the reference point
         self.max_cost = p[0] if self.max_cost is None else max(self.max_cost, p[0])
         kept = []
         for f in self.front:
             q = self._point(f)
             assert q is not None
             if dominates(q, p) or q == p:  # equal points: the first trial keeps its place
-                return False
+                return grew
             if not dominates(p, q):
                 kept.append(f)
         self.front = kept + [r]

@@ -97,18 +97,26 @@ class _Progress:
 
     def __init__(self, total: int, *, enabled: bool, multi: bool) -> None:
         self.multi = multi
+        self.seen: set[int] = set()
+        self.best: TrialResult | None = None
         self.bar: Any = None
         if enabled:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, desc="search", unit="trial", file=sys.stderr)
 
-    def update(self, results: Sequence[TrialResult]) -> None:
+    def update(self, records: Sequence[TrialResult]) -> None:
+        """Fold newly finished ``records`` in: O(len(records)), not O(all trials)."""
         if self.bar is None:
             return
-        finished = sum(1 for r in results if r.state != "RUNNING")
-        self.bar.n = min(finished, self.bar.total)
-        best = best_result(results, multi_objective=self.multi)
+        for r in records:
+            if r.state != "RUNNING" and r.number not in self.seen:
+                self.seen.add(r.number)
+            if self.best is None or best_result([self.best, r], multi_objective=self.multi) is r:
+                if r.state == "COMPLETE" and r.accuracy is not None:
+                    self.best = r
+        self.bar.n = min(len(self.seen), self.bar.total)
+        best = self.best
         if best is not None:
             score = f"acc={100 * (best.accuracy or 0):.1f}% macs={(best.macs or 0) / 1e6:.2f}M"
             if best.reward is not None:
@@ -157,6 +165,22 @@ def _prepare_supernet(
         return prepare_supernet(recipe, space, data, path=run_dir.supernet_pt, device=device)
     with FileLock(run_dir.path / ".supernet.lock"):
         return prepare_supernet(recipe, space, data, path=run_dir.supernet_pt, device=device)
+
+
+def _best_state(objective: Objective, best: TrialResult) -> Any:
+    """The best trial's weights from the evaluator (None, with a warning, when it has none)."""
+    state = None
+    state_fn = getattr(objective.evaluator, "state_dict_for", None)
+    if state_fn is not None:
+        try:
+            from aanas.spec import decode
+
+            state = state_fn(decode(best.spec), seed=best.seed)
+        except Exception as exc:
+            _LOG.warning("best/model.pt not written: %s", exc)
+    if state is None:
+        _LOG.warning("no weights for the best trial %d: best/model.pt not written", best.number)
+    return state
 
 
 def run_search(
@@ -257,7 +281,7 @@ def run_search(
 
     def on_trial(record: TrialResult) -> None:
         log.add(record)
-        bar.update(log.results())
+        bar.update([record])
 
     try:
         results = engine.run(objective, on_trial)
@@ -280,35 +304,25 @@ def run_search(
         baselines += _baselines(todo, space, objective, recipe.evaluator)
         run_dir.write_baselines(baselines)
 
+    # Workers sharing the run directory take turns here, each re-reading the storage under the
+    # lock, so the last one to finish writes what the storage finally holds.
     with engine.final_write_lock():
-        # Re-read under the lock: the last worker to finish writes what the storage holds.
         results = engine.stored_results() or results
         run_dir.write_trials(results)
-    front = run_dir.write_pareto(results, baselines, cost=scorer.metric, plot=True)
-    best = best_result(results, multi_objective=multi)
-    if best is not None:
-        state = None
-        state_fn = getattr(objective.evaluator, "state_dict_for", None)
-        if state_fn is not None:
-            try:
-                from aanas.spec import decode
-
-                state = state_fn(decode(best.spec), seed=best.seed)
-            except Exception as exc:
-                _LOG.warning("best/model.pt not written: %s", exc)
-        if state is None:
-            _LOG.warning("no weights for the best trial %d: best/model.pt not written", best.number)
-        run_dir.write_best(best, state)
-    title = f"Search {run_dir.path.name}: {space.name}, {recipe.engine}, {recipe.evaluator}"
-    summary = run_dir.write_summary(
-        results,
-        baselines,
-        title=title,
-        score=scorer.describe(),
-        multi_objective=multi,
-        top_k=recipe.top_k,
-        cost=scorer.metric,
-    )
+        front = run_dir.write_pareto(results, baselines, cost=scorer.metric, plot=True)
+        best = best_result(results, multi_objective=multi)
+        if best is not None:
+            run_dir.write_best(best, _best_state(objective, best))
+        title = f"Search {run_dir.path.name}: {space.name}, {recipe.engine}, {recipe.evaluator}"
+        summary = run_dir.write_summary(
+            results,
+            baselines,
+            title=title,
+            score=scorer.describe(),
+            multi_objective=multi,
+            top_k=recipe.top_k,
+            cost=scorer.metric,
+        )
     return SearchOutcome(
         run_dir=run_dir,
         results=results,
