@@ -192,9 +192,13 @@ class TrainEvaluator:
                 report(epoch, float(metrics["val_top1"]))
 
         resume = None
+        start_epoch = 0
         if self.work_dir is not None and (self.work_dir / FIT_LAST).is_file():
+            from aanas.train import load_checkpoint
+
             resume = self.work_dir / FIT_LAST
-            _LOG.info("trial of %s resumes from %s", spec.encode(), resume)
+            start_epoch = int(load_checkpoint(resume)["epoch"])
+            _LOG.info("trial of %s resumes at epoch %d", spec.encode(), start_epoch)
         out = fit(
             model,
             self.data,
@@ -215,6 +219,8 @@ class TrainEvaluator:
             if isinstance(out.get(k), int | float)
         }
         extras["epochs"] = float(self.recipe.epochs)
+        if start_epoch:
+            extras["resumed_at_epoch"] = float(start_epoch)  # epochs restored, not retrained
         return Evaluation(float(out["val_top1"]), extras)
 
     def state_dict_for(self, spec: ArchSpec, *, seed: int) -> dict[str, torch.Tensor] | None:

@@ -323,7 +323,8 @@ class RayEngine(SearchEngine):
             assert self.recipe.latency_table is not None  # SearchRecipe checks it
             table = LatencyTable.load(self.recipe.latency_table)
         return _TrialContext(
-            key=f"{self.experiment_dir}:{zlib.crc32(blob or b'')}",
+            # a cache key only (no path travels): experiment folder and supernet checksums
+            key=f"{zlib.crc32(str(self.experiment_dir).encode())}:{zlib.crc32(blob or b'')}",
             space=self.space,
             recipe=self.recipe,
             scorer=self.scorer,
