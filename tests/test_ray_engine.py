@@ -90,7 +90,8 @@ def _interrupt_on_first_checkpoint(exp_root: Path, stop: threading.Event) -> Non
 
 def _ray_reports(trial_dir: Path) -> list[dict]:
     """Every result a Ray trial reported, from Ray's own ``result.json`` (one JSON a line)."""
-    lines = (trial_dir / "result.json").read_text().splitlines()
+    path = trial_dir / "result.json"
+    lines = path.read_text().splitlines() if path.is_file() else []
     return [json.loads(line) for line in lines if line.strip()]
 
 
@@ -127,7 +128,8 @@ def test_train_evaluator_asha_checkpoints_and_restore(tmp_path, ray_local, monke
         for r in first.results
         if r.number in unfinished
         for d in exp_dir.glob(f"*_{r.number + 1}_*")
-        if (d / "checkpoint_000000").is_dir() and (d / "result.json").is_file()
+        # registered by the driver: result.json (written by the driver) has the epoch report
+        if (d / "checkpoint_000000").is_dir() and _ray_reports(d)
     }
     assert with_checkpoint, "no unfinished trial had a registered checkpoint at the interrupt"
 
@@ -172,9 +174,9 @@ def test_train_evaluator_asha_checkpoints_and_restore(tmp_path, ray_local, monke
     assert any(r.accuracy > 0.2 for r in results.values())  # real learning: 10 classes
 
     # a trial interrupted after its epoch-1 checkpoint continued from it (not from scratch)
-    for n in with_checkpoint:
-        if results[n].state == "COMPLETE":
-            assert results[n].metrics.get("resumed_at_epoch") == 1.0, results[n]
+    for n in with_checkpoint:  # its epoch-1 report was in: it can only have completed since
+        assert results[n].state == "COMPLETE", results[n]
+        assert results[n].metrics.get("resumed_at_epoch") == 1.0, results[n]
 
     # the Pareto front (min MACs, max accuracy) over the COMPLETE trials, by brute force
     complete = [r for r in results.values() if r.state == "COMPLETE"]

@@ -324,7 +324,7 @@ class RayEngine(SearchEngine):
             table = LatencyTable.load(self.recipe.latency_table)
         return _TrialContext(
             # a cache key only (no path travels): experiment folder and supernet checksums
-            key=f"{zlib.crc32(str(self.experiment_dir).encode())}:{zlib.crc32(blob or b'')}",
+            key=f"{zlib.crc32(self.experiment_dir.encode())}:{zlib.crc32(blob or b'')}",
             space=self.space,
             recipe=self.recipe,
             scorer=self.scorer,
@@ -334,9 +334,16 @@ class RayEngine(SearchEngine):
         )
 
     @property
-    def experiment_dir(self) -> Path:
-        """``<run dir>/ray/<name>``: Ray's experiment folder (resume point)."""
-        return (self.run_dir.path / "ray" / self.experiment_name).resolve()
+    def storage_root(self) -> str:
+        """Where Ray keeps experiments: ``--ray-storage`` (a shared path or a URI such as
+        ``s3://bucket/aanas``), else ``<run dir>/ray`` (enough for one machine)."""
+        root = self.recipe.ray_storage or str(self.run_dir.path / "ray")
+        return root if "://" in root else str(Path(root).resolve())
+
+    @property
+    def experiment_dir(self) -> str:
+        """``<storage root>/<name>``: Ray's experiment folder (resume point), path or URI."""
+        return f"{self.storage_root.rstrip('/')}/{self.experiment_name}"
 
     def _init_ray(self) -> None:
         import ray
@@ -380,7 +387,7 @@ class RayEngine(SearchEngine):
 
         engine = self
         lock = threading.Lock()
-        key = str(self.experiment_dir)
+        key = self.experiment_dir
 
         class _RunDirCallback(tune.Callback):  # type: ignore[misc]
             """Hands every finished trial to the run directory (in the driver)."""
@@ -435,24 +442,23 @@ class RayEngine(SearchEngine):
             tune.with_parameters(_trainable, ctx=self._worker_context()),
             {"cpu": self.recipe.cpus_per_trial, "gpu": self.recipe.gpus_per_trial},
         )
-        exp_dir = self.experiment_dir
         callback = self._callback()  # registered before a restore unpickles its stand-in
         try:
             return self._fit(trainable, callback)
         finally:
-            _LIVE_CALLBACKS.pop(str(exp_dir), None)
+            _LIVE_CALLBACKS.pop(self.experiment_dir, None)
 
     def _fit(self, trainable: Any, callback: Any) -> list[TrialResult]:
         from ray import tune
 
         exp_dir = self.experiment_dir
-        if exp_dir.is_dir() and tune.Tuner.can_restore(str(exp_dir)):
+        if tune.Tuner.can_restore(exp_dir):
             _LOG.info("resuming Ray experiment %s", exp_dir)
             # Unfinished trials continue from their last checkpoint; ERROR trials are those
             # whose worker died (a failing candidate ends TERMINATED with a FAIL record), so
             # they are resumed too. The callback comes back through _restored_callback.
             tuner = tune.Tuner.restore(
-                str(exp_dir), trainable, resume_unfinished=True, resume_errored=True
+                exp_dir, trainable, resume_unfinished=True, resume_errored=True
             )
         else:
             search_alg, param_space = self._search_alg()
@@ -481,7 +487,7 @@ class RayEngine(SearchEngine):
                 ),
                 run_config=tune.RunConfig(
                     name=self.experiment_name,
-                    storage_path=str(exp_dir.parent),
+                    storage_path=self.storage_root,
                     callbacks=[callback],
                     # a trial whose worker or node dies is retried from its last checkpoint
                     # (candidates that fail in user code never raise: see _trainable)
