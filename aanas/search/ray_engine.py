@@ -3,16 +3,22 @@
 - Search algorithm: ``ray.tune.search.optuna.OptunaSearch`` over the space's define-by-run
   function (the same parameters as the Optuna engine; TPE, or NSGA-II for ``--score pareto``,
   seeded), or Ray's random search (``--search-alg random``) over ``tune.choice`` entries.
-- ``train`` evaluation reports validation accuracy per epoch (``tune.report``) to an
-  ``ASHAScheduler``, which stops weak candidates early (recorded as PRUNED).
+- ``train`` evaluation reports once per epoch (``tune.report``) with the candidate's spec, cost
+  and real score, and its ``tune.Checkpoint`` (:func:`aanas.train.fit`'s ``last.pt``); the
+  last epoch's report is the final record. ``ASHAScheduler`` (``max_t`` = epochs) stops weak
+  candidates between epochs: recorded PRUNED with their last accuracy.
 - Resources: ``--cpus-per-trial``/``--gpus-per-trial``; each trial puts its model on the GPU
   Ray assigned (``cuda`` when ``gpus_per_trial > 0`` and CUDA is visible, else ``cpu``).
   ``--max-concurrent`` caps parallel trials; ``--address`` joins an existing cluster, otherwise
   a local Ray starts (``ray.init(num_cpus=..., include_dashboard=False)``).
-- The supernet (supernet evaluator) is trained once by the driver and saved in the run
-  directory; every trial loads it from that path.
-- Results live under ``<run dir>/ray/<study name>``; when that experiment exists the search is
-  resumed with ``Tuner.restore(path, trainable, resume_errored=True)``.
+- Nothing a worker needs is read from the driver's disk: the space, the supernet the driver
+  trained (its bytes) and a latency table travel through the object store
+  (``tune.with_parameters``); trained weights come back through the trial checkpoints.
+- Results live under ``<--ray-storage or run dir/ray>/<study name>``; when that experiment
+  exists the search is resumed with ``Tuner.restore``: unfinished trials and trials whose
+  worker died continue from their last checkpoint (a candidate failing in its own code is a
+  FAIL record that ends normally, so it is never re-run), and the restored run config gets
+  this driver's run-directory callback back (:func:`_restored_callback`).
 
 Every trial's last ``tune.report`` carries the full :class:`~aanas.results.TrialResult` (as
 JSON under ``aanas_result``), so the driver writes the same run-directory files as the Optuna
@@ -31,7 +37,6 @@ import socket
 import tempfile
 import threading
 import zlib
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,23 +239,30 @@ def _trainable(config: dict[str, Any], ctx: _TrialContext) -> None:
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def _record(
-    trial_id: str, last: Mapping[str, Any] | None, error: str = "", dirname: str = ""
-) -> TrialResult:
-    """The TrialResult of a Ray trial from its last reported result."""
-    number = _trial_number(trial_id, dirname)
-    data = (last or {}).get(_KEY)
+def _record(trial: Any, status: str = "") -> TrialResult:
+    """The TrialResult of a Ray ``Trial`` from its status (``status``, else ``trial.status``:
+    callbacks run before Ray updates it) and its last reported result.
+
+    TERMINATED after an epoch's (RUNNING) report: the scheduler stopped it there (PRUNED, with
+    that epoch's accuracy). ERROR: its worker died or the trainable raised (FAIL, unless its
+    final record was already in). Anything else was interrupted (RUNNING: a rerun resumes it).
+    """
+    number = _trial_number(trial.trial_id, Path(str(trial.path)).name if trial.path else "")
+    status = status or trial.status
+    error = ""
+    if status == "ERROR":
+        error = f"Ray trial error (worker lost or trainable raised), see {trial.error_file}"
+    data = (trial.last_result or {}).get(_KEY)
     if not data:
         return TrialResult(number=number, state="FAIL" if error else "RUNNING", error=error)
     result = TrialResult.from_dict(json.loads(data))  # its number came from the trial name
-    if result.state == "RUNNING" and not error:
-        # the last report was an epoch's: the scheduler stopped the trial there
+    if result.state == "RUNNING" and status == "TERMINATED":
         epochs = int(result.metrics.get("epochs", 0))
         result = result.replace(
             state="PRUNED",
             note=f"stopped early by ASHA after epoch {epochs} (accuracy {result.accuracy:.4f})",
         )
-    if error and result.state not in ("FAIL", "COMPLETE", "REJECTED"):
+    if error and result.state == "RUNNING":
         result = result.replace(state="FAIL", error=error)
     return result
 
@@ -392,19 +404,18 @@ class RayEngine(SearchEngine):
         class _RunDirCallback(tune.Callback):  # type: ignore[misc]
             """Hands every finished trial to the run directory (in the driver)."""
 
-            def _update(self, trial: Any, error: str = "") -> None:
-                dirname = Path(str(trial.path)).name if trial.path else ""
-                record = _record(trial.trial_id, trial.last_result, error, dirname)
+            def _update(self, trial: Any, status: str) -> None:
+                record = _record(trial, status)
                 with lock:
                     engine._keep_weights(record, trial.checkpoint)
                     if engine.on_trial is not None:
                         engine.on_trial(record)
 
             def on_trial_complete(self, iteration: int, trials: Any, trial: Any, **kw: Any) -> None:
-                self._update(trial)
+                self._update(trial, "TERMINATED")
 
             def on_trial_error(self, iteration: int, trials: Any, trial: Any, **kw: Any) -> None:
-                self._update(trial, error=f"Ray trial error (worker lost?): {trial.error_file}")
+                self._update(trial, "ERROR")
 
             def __reduce__(self) -> Any:
                 return (_restored_callback, (key,))
@@ -495,16 +506,10 @@ class RayEngine(SearchEngine):
                     verbose=0,
                 ),
             )
-        grid = tuner.fit()
-        out: list[TrialResult] = []
-        for res in grid:
-            trial_id = str((res.metrics or {}).get("trial_id", "unknown"))
-            dirname = Path(str(res.path)).name if res.path else ""
-            error = f"{type(res.error).__name__}: {res.error}" if res.error else ""
-            record = _record(trial_id, res.metrics, error, dirname)
-            if record.state == "FAIL" and res.metrics and res.metrics.get(_KEY):
-                record = record.replace(
-                    error=TrialResult.from_dict(json.loads(res.metrics[_KEY])).error or record.error
-                )
-            out.append(record)
+        tuner.fit()
+        # Every trial with its Ray status (ResultGrid has no status: an interrupted trial and
+        # one ASHA stopped look alike there), read back from the experiment folder.
+        from ray.tune import ExperimentAnalysis
+
+        out = [_record(trial) for trial in ExperimentAnalysis(self.experiment_dir).trials]
         return sorted(out, key=lambda r: r.number)
