@@ -14,18 +14,20 @@ import signal
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import ray.cloudpickle
 
 from aanas.config import SearchRecipe
-from aanas.results import read_jsonl
+from aanas.results import TrialResult, read_jsonl
+from aanas.search import ray_engine as ray_engine_module
 from aanas.search import run_dir as run_dir_module
 from aanas.search import run_search
 from aanas.search.engine import SearchContext
 from aanas.search.evaluators import build_objective
-from aanas.search.ray_engine import RayEngine, _worker_objective
+from aanas.search.ray_engine import RayEngine, _record, _worker_objective
 from aanas.search.run_dir import RunDirectory
 from aanas.search.scoring import Scorer
 from aanas.space import SearchSpace
@@ -66,6 +68,57 @@ def test_worker_context_ships_no_driver_path(tmp_path: Path) -> None:
     want = build_objective(recipe, space, scorer, supernet_path=kept)(params, number=0)
     assert got.state == want.state == "COMPLETE"
     assert got.spec == want.spec and got.accuracy == want.accuracy and got.macs == want.macs
+
+
+def _fake_trial(status: str, record: TrialResult | None, number: int = 4) -> SimpleNamespace:
+    last = {"aanas_result": json.dumps(record.to_dict())} if record is not None else {}
+    return SimpleNamespace(
+        trial_id="ab12cd34",
+        path=f"/x/_trainable_ab12cd34_{number + 1}_stage1_depth=2_2026-12-02_11-00-00",
+        status=status,
+        last_result=last,
+        error_file="/x/error.txt",
+    )
+
+
+def test_record_from_ray_trial_status() -> None:
+    """Ray's trial status, not the shape of the last report, says what happened to a trial."""
+    epoch1 = TrialResult(
+        number=4, state="RUNNING", spec="s", macs=10, accuracy=0.5, metrics={"epochs": 1.0}
+    )
+    final = epoch1.replace(state="COMPLETE", accuracy=0.6, metrics={"epochs": 2.0})
+    pruned = _record(_fake_trial("TERMINATED", epoch1))  # stopped between epochs by ASHA
+    assert (pruned.number, pruned.state, pruned.accuracy, pruned.macs) == (4, "PRUNED", 0.5, 10)
+    assert "after epoch 1" in pruned.note
+    assert _record(_fake_trial("RUNNING", epoch1)).state == "RUNNING"  # interrupted: resumes
+    assert _record(_fake_trial("PENDING", None)).state == "RUNNING"
+    assert _record(_fake_trial("TERMINATED", final)) == final
+    lost = _record(_fake_trial("ERROR", epoch1))  # its worker died mid-way, retries exhausted
+    assert lost.state == "FAIL" and "error.txt" in lost.error and lost.accuracy == 0.5
+    assert _record(_fake_trial("ERROR", None)).state == "FAIL"
+    # a callback sees the trial before Ray updates its status
+    assert _record(_fake_trial("RUNNING", epoch1), "TERMINATED").state == "PRUNED"
+
+
+def test_restored_experiment_gets_the_live_callback(tmp_path: Path) -> None:
+    """Ray pickles callbacks into the experiment; unpickled in a resuming driver, ours comes
+    back as that driver's live callback, elsewhere as an inert one."""
+    space = SearchSpace.from_yaml("tiny")
+    recipe = SearchRecipe(engine="ray", evaluator="train")
+    ctx = SearchContext(
+        space=space,
+        recipe=recipe,
+        scorer=Scorer.from_recipe(recipe, default_target_macs=3e6),
+        run_dir=RunDirectory(tmp_path / "run").create(),
+        study_name="s",
+    )
+    engine = RayEngine(ctx)
+    live = engine._callback()
+    blob = ray.cloudpickle.dumps([live])
+    assert ray.cloudpickle.loads(blob)[0] is live
+    ray_engine_module._LIVE_CALLBACKS.pop(engine.experiment_dir)
+    inert = ray.cloudpickle.loads(blob)[0]
+    assert inert is not live and type(inert).__name__ == "Callback"
 
 
 @pytest.fixture(scope="module")
