@@ -128,16 +128,25 @@ def ray_local():
     ray.shutdown()
 
 
-def _interrupt_on_first_checkpoint(exp_root: Path, stop: threading.Event) -> None:
+def _finished(run: Path) -> set[int]:
+    """Trial numbers the driver has handed to the run directory (finished or stopped)."""
+    path = run / "trials.jsonl"
+    return {r.number for r in read_jsonl(path)} if path.is_file() else set()
+
+
+def _interrupt_on_first_checkpoint(run: Path, stop: threading.Event) -> None:
     """SIGINT this process once the driver has processed a trial's first checkpointed report
-    (the checkpoint folder alone only says the worker uploaded it; ``result.json`` is written by
-    the driver as it registers the result)."""
+    and that trial is still running (the checkpoint folder alone only says the worker uploaded
+    it; ``result.json`` is written by the driver as it registers the result; ASHA may stop the
+    trial on that same result, which puts it in ``trials.jsonl``)."""
     while not stop.is_set():
-        for ckpt in exp_root.glob("*/*/checkpoint_000000"):
-            result = ckpt.parent / "result.json"
-            if result.is_file() and result.read_text().strip():
-                os.kill(os.getpid(), signal.SIGINT)  # Ray Tune: stop, save, resumable
-                return
+        for ckpt in (run / "ray").glob("*/*/checkpoint_000000"):
+            number = int(ckpt.parent.name.split("_")[3]) - 1  # _trainable_<id>_<n>_...
+            if _ray_reports(ckpt.parent) and number not in _finished(run):
+                time.sleep(0.5)  # let the driver finish processing that result
+                if number not in _finished(run):
+                    os.kill(os.getpid(), signal.SIGINT)  # Ray Tune: stop, save, resumable
+                    return
         time.sleep(0.05)
 
 
@@ -164,9 +173,7 @@ def test_train_evaluator_asha_checkpoints_and_restore(tmp_path, ray_local, monke
     )
     # --- first run: interrupted once a trial has a checkpoint ---------------------------------
     stop = threading.Event()
-    watcher = threading.Thread(
-        target=_interrupt_on_first_checkpoint, args=(out / "ray", stop), daemon=True
-    )
+    watcher = threading.Thread(target=_interrupt_on_first_checkpoint, args=(out, stop), daemon=True)
     watcher.start()
     try:
         first = run_search(recipe, out=out, progress=False)
