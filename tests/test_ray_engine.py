@@ -142,11 +142,16 @@ def _interrupt_on_first_checkpoint(run: Path, stop: threading.Event) -> None:
     while not stop.is_set():
         for ckpt in (run / "ray").glob("*/*/checkpoint_000000"):
             number = int(ckpt.parent.name.split("_")[3]) - 1  # _trainable_<id>_<n>_...
-            if _ray_reports(ckpt.parent) and number not in _finished(run):
-                time.sleep(0.5)  # let the driver finish processing that result
-                if number not in _finished(run):
-                    os.kill(os.getpid(), signal.SIGINT)  # Ray Tune: stop, save, resumable
-                    return
+            try:  # files being written: a half line is "not yet"
+                ready = bool(_ray_reports(ckpt.parent)) and number not in _finished(run)
+                if ready:
+                    time.sleep(0.1)  # let the driver finish processing that result
+                    ready = number not in _finished(run)
+            except ValueError:
+                continue
+            if ready:
+                os.kill(os.getpid(), signal.SIGINT)  # Ray Tune: stop, save, resumable
+                return
         time.sleep(0.05)
 
 
