@@ -503,6 +503,10 @@ class SearchRecipe:
     gpus_per_trial: float = 0.0
     max_concurrent: int = 0  # 0: as many as the resources allow
     num_cpus: int = 0  # local Ray only: CPUs to give ray.init (0: all)
+    # where Ray keeps the experiment and trial checkpoints (None: <out>/ray). Across machines it
+    # must be a path every node can write (NFS) or a URI (s3://, gs://): Ray refuses a worker
+    # that cannot reach it
+    ray_storage: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("engine", self.engine, ENGINES)

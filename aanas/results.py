@@ -105,6 +105,9 @@ class TrialResult:
     error: str = ""  # FAIL: "ExceptionType: message"
     note: str = ""  # REJECTED: the budget that was exceeded; duplicates: "same spec as #k"
     metrics: Mapping[str, float] = field(default_factory=dict)  # extras: val_loss, epochs, ...
+    # where it ran (Ray: "node=<node id> host=<hostname> pid=<pid> gpus=<CUDA_VISIBLE_DEVICES>");
+    # kept in trials.jsonl only, so trials.csv keeps its columns across versions
+    worker: str = ""
 
     def __post_init__(self) -> None:
         if self.state not in STATES:

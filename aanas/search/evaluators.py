@@ -36,6 +36,7 @@ from aanas.spec import ArchSpec
 
 __all__ = [
     "SuperNetEvaluator",
+    "FIT_LAST",
     "TrainEvaluator",
     "build_data_for",
     "build_evaluator",
@@ -44,6 +45,7 @@ __all__ = [
     "load_supernet",
     "prepare_supernet",
     "resolve_device",
+    "save_weights",
     "train_recipe_for",
 ]
 
@@ -77,8 +79,20 @@ def build_data_for(recipe: SearchRecipe, input_size: int) -> Any:
     )
 
 
+# What aanas.train.fit(out_dir=...) writes after every epoch and resumes from (train._LAST).
+FIT_LAST = "last.pt"
+
+
 def _state_dict_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def save_weights(path: Path, spec: ArchSpec, state: dict[str, torch.Tensor]) -> None:
+    """Write ``{"spec", "state_dict"}`` atomically: the ``<digest>.pt`` format that
+    :meth:`TrainEvaluator.state_dict_for` reads (and that Ray trials ship in their checkpoint)."""
+    buf = io.BytesIO()
+    torch.save({"spec": spec.encode(), "state_dict": state}, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 class SuperNetEvaluator:
@@ -136,12 +150,23 @@ class TrainEvaluator:
 
     Trained weights are kept under ``checkpoint_dir/<spec digest>.pt`` (when given), so the run
     directory's ``best/model.pt`` holds the best candidate's own weights without retraining.
+
+    ``work_dir`` (a Ray trial's checkpoint folder) makes the run resumable: :func:`aanas.train.fit`
+    writes ``last.pt`` there after every epoch (model, optimiser, schedule, RNG), the trial
+    reports that folder as its ``tune.Checkpoint``, and a restored trial whose folder already
+    holds ``last.pt`` continues from that epoch instead of starting over.
     """
 
     name = "train"
 
     def __init__(
-        self, data: Any, recipe: Any, *, device: str, checkpoint_dir: Path | None = None
+        self,
+        data: Any,
+        recipe: Any,
+        *,
+        device: str,
+        checkpoint_dir: Path | None = None,
+        work_dir: Path | None = None,
     ) -> None:
         if data.val is None:
             raise ValueError("the train evaluator needs a validation split (val_fraction > 0)")
@@ -149,6 +174,7 @@ class TrainEvaluator:
         self.recipe = recipe  # aanas.config.TrainRecipe
         self.device = device
         self.checkpoint_dir = checkpoint_dir
+        self.work_dir = work_dir
 
     def _checkpoint(self, spec: ArchSpec) -> Path | None:
         return None if self.checkpoint_dir is None else self.checkpoint_dir / f"{spec.digest()}.pt"
@@ -165,26 +191,36 @@ class TrainEvaluator:
             if report is not None:
                 report(epoch, float(metrics["val_top1"]))
 
+        resume = None
+        start_epoch = 0
+        if self.work_dir is not None and (self.work_dir / FIT_LAST).is_file():
+            from aanas.train import load_checkpoint
+
+            resume = self.work_dir / FIT_LAST
+            start_epoch = int(load_checkpoint(resume)["epoch"])
+            _LOG.info("trial of %s resumes at epoch %d", spec.encode(), start_epoch)
         out = fit(
             model,
             self.data,
             dataclasses.replace(self.recipe, seed=seed),
             device=self.device,
+            out_dir=self.work_dir,
+            resume=resume,
             on_epoch=on_epoch,
             progress=False,
             evaluate_test=False,
         )
         path = self._checkpoint(spec)
         if path is not None:
-            buf = io.BytesIO()
-            torch.save({"spec": spec.encode(), "state_dict": _state_dict_cpu(model)}, buf)
-            atomic_write_bytes(path, buf.getvalue())
+            save_weights(path, spec, _state_dict_cpu(model))
         extras = {
             k: float(out[k])
             for k in ("val_loss", "train_loss", "train_top1", "best_val_top1")
             if isinstance(out.get(k), int | float)
         }
         extras["epochs"] = float(self.recipe.epochs)
+        if start_epoch:
+            extras["resumed_at_epoch"] = float(start_epoch)  # epochs restored, not retrained
         return Evaluation(float(out["val_top1"]), extras)
 
     def state_dict_for(self, spec: ArchSpec, *, seed: int) -> dict[str, torch.Tensor] | None:
@@ -279,8 +315,9 @@ def build_evaluator(
     supernet: Any = None,
     supernet_path: Path | None = None,
     checkpoint_dir: Path | None = None,
+    work_dir: Path | None = None,
 ) -> SuperNetEvaluator | TrainEvaluator:
-    """The evaluator ``recipe.evaluator`` names (a Ray worker passes ``supernet_path``)."""
+    """The evaluator ``recipe.evaluator`` names (``work_dir``: see :class:`TrainEvaluator`)."""
     if recipe.evaluator == "supernet":
         if supernet is None:
             if supernet_path is None:
@@ -298,13 +335,18 @@ def build_evaluator(
         train_recipe_for(recipe, data.input_size),
         device=device,
         checkpoint_dir=checkpoint_dir,
+        work_dir=work_dir,
     )
 
 
 def latency_fns(
-    recipe: SearchRecipe,
+    recipe: SearchRecipe, table: Any = None
 ) -> tuple[Callable[[ArchSpec], float] | None, Callable[[ArchSpec], float] | None]:
-    """(measure, predict) latency functions for ``recipe.latency_mode`` (None where off)."""
+    """(measure, predict) latency functions for ``recipe.latency_mode`` (None where off).
+
+    ``table``: an already loaded :class:`aanas.cost.LatencyTable` (a Ray worker gets the
+    driver's table through the object store; ``recipe.latency_table`` is a path on the driver).
+    """
     mode = recipe.latency_mode
     if mode == "measure":
         from aanas.cost.latency import measure
@@ -317,17 +359,19 @@ def latency_fns(
     if mode == "predict":
         from aanas.cost.latency import LatencyTable
 
-        assert recipe.latency_table is not None  # SearchRecipe checks it
-        loaded = LatencyTable.load(recipe.latency_table)
-        if loaded is None:  # measured on another machine (LatencyTable.load logged which)
-            raise RecipeError(
-                f"latency_table {recipe.latency_table!r} was measured on another machine: "
-                "rebuild it here (aanas profile --build-lut) or use --latency measure"
-            )
-        table: LatencyTable = loaded
+        if table is None:
+            assert recipe.latency_table is not None  # SearchRecipe checks it
+            loaded = LatencyTable.load(recipe.latency_table)
+            if loaded is None:  # measured on another machine (LatencyTable.load logged which)
+                raise RecipeError(
+                    f"latency_table {recipe.latency_table!r} was measured on another machine: "
+                    "rebuild it here (aanas profile --build-lut) or use --latency measure"
+                )
+            table = loaded
+        lut: LatencyTable = table
 
         def predicted(spec: ArchSpec) -> float:
-            return float(table.predict(spec))
+            return float(lut.predict(spec))
 
         return None, predicted
     return None, None
@@ -344,11 +388,14 @@ def build_objective(
     supernet: Any = None,
     supernet_path: Path | None = None,
     checkpoint_dir: Path | None = None,
+    work_dir: Path | None = None,
+    latency_table: Any = None,
 ) -> Objective:
     """The shared :class:`Objective` of a search, in the driver or in a Ray worker.
 
     ``evaluator`` replaces the one the recipe names; otherwise it is built over ``data``
-    (built here when None) with the given supernet (or its checkpoint path).
+    (built here when None) with the given supernet (or its checkpoint path). ``work_dir`` and
+    ``latency_table``: see :class:`TrainEvaluator` and :func:`latency_fns`.
     """
     if evaluator is None:
         if data is None:
@@ -361,8 +408,9 @@ def build_objective(
             supernet=supernet,
             supernet_path=supernet_path,
             checkpoint_dir=checkpoint_dir,
+            work_dir=work_dir,
         )
-    measure_fn, predict_fn = latency_fns(recipe)
+    measure_fn, predict_fn = latency_fns(recipe, latency_table)
     return Objective(
         space,
         evaluator,
