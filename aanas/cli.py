@@ -352,7 +352,11 @@ _SEARCH_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--cpus-per-trial", "cpus_per_trial", "Ray: CPUs per trial"),
     ("--gpus-per-trial", "gpus_per_trial", "Ray: GPUs per trial (fractions allowed)"),
     ("--max-concurrent", "max_concurrent", "Ray: concurrent trials (0: as resources allow)"),
-    ("--ray-storage", "ray_storage", "Ray: experiment/checkpoint storage all nodes reach (NFS, s3://)"),
+    (
+        "--ray-storage",
+        "ray_storage",
+        "Ray: experiment/checkpoint storage all nodes reach (NFS, s3://)",
+    ),
 )
 _COUNT_SUFFIX = {"k": 1e3, "m": 1e6, "g": 1e9}
 
