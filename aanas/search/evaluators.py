@@ -197,7 +197,7 @@ class TrainEvaluator:
             from aanas.train import load_checkpoint
 
             resume = self.work_dir / FIT_LAST
-            start_epoch = int(load_checkpoint(resume)["epoch"])
+            start_epoch = int(load_checkpoint(resume).raw["epoch"])
             _LOG.info("trial of %s resumes at epoch %d", spec.encode(), start_epoch)
         out = fit(
             model,
