@@ -1,19 +1,16 @@
 """Ray Tune engine with the real ``train`` evaluator: ASHA on real accuracy, checkpoints, restore.
 
 One search on the embedded digits (tiny space, 2 epochs of a few batches) is interrupted with
-SIGINT (Ray's own graceful stop) as soon as a trial has written its first checkpoint, then run
-again: Tuner.restore resumes it. Checked against Ray's own per-trial result files and against
-formulas written out here, not against the engine's bookkeeping alone.
+SIGINT (Ray's own graceful stop), raised by the driver's callback as soon as Ray has registered a
+running trial's epoch-1 checkpoint, then run again: Tuner.restore resumes that trial from it.
+Checked against Ray's own per-trial result files and against formulas written out here, not
+against the engine's bookkeeping alone.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import threading
-import time
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,7 +25,7 @@ from aanas.search import run_dir as run_dir_module
 from aanas.search import run_search
 from aanas.search.engine import SearchContext
 from aanas.search.evaluators import build_objective
-from aanas.search.ray_engine import RayEngine, _record, _worker_objective
+from aanas.search.ray_engine import RayEngine, _record, _trial_number, _worker_objective
 from aanas.search.run_dir import RunDirectory
 from aanas.search.scoring import Scorer
 from aanas.space import SearchSpace
@@ -129,33 +126,6 @@ def ray_local():
     ray.shutdown()
 
 
-def _finished(run: Path) -> set[int]:
-    """Trial numbers the driver has handed to the run directory (finished or stopped)."""
-    path = run / "trials.jsonl"
-    return {r.number for r in read_jsonl(path)} if path.is_file() else set()
-
-
-def _interrupt_on_first_checkpoint(run: Path, stop: threading.Event) -> None:
-    """SIGINT this process once the driver has processed a trial's first checkpointed report
-    and that trial is still running (the checkpoint folder alone only says the worker uploaded
-    it; ``result.json`` is written by the driver as it registers the result; ASHA may stop the
-    trial on that same result, which puts it in ``trials.jsonl``)."""
-    while not stop.is_set():
-        for ckpt in (run / "ray").glob("*/*/checkpoint_000000"):
-            number = int(ckpt.parent.name.split("_")[3]) - 1  # _trainable_<id>_<n>_...
-            try:  # files being written: a half line is "not yet"
-                ready = bool(_ray_reports(ckpt.parent)) and number not in _finished(run)
-                if ready:
-                    time.sleep(0.1)  # let the driver finish processing that result
-                    ready = number not in _finished(run)
-            except ValueError:
-                continue
-            if ready:
-                os.kill(os.getpid(), signal.SIGINT)  # Ray Tune: stop, save, resumable
-                return
-        time.sleep(0.05)
-
-
 def _ray_reports(trial_dir: Path) -> list[dict]:
     """Every result a Ray trial reported, from Ray's own ``result.json`` (one JSON a line)."""
     path = trial_dir / "result.json"
@@ -177,31 +147,46 @@ def test_train_evaluator_asha_checkpoints_and_restore(tmp_path, ray_local, monke
         seed=0,
         cpus_per_trial=1,
     )
-    # --- first run: interrupted once a trial has a checkpoint ---------------------------------
-    stop = threading.Event()
-    watcher = threading.Thread(target=_interrupt_on_first_checkpoint, args=(out, stop), daemon=True)
-    watcher.start()
-    try:
+    # --- first run: interrupted right after a trial's epoch-1 checkpoint is registered ------
+    # Ray Tune's own Ctrl-C path (its SIGINT handler ends the run after the current controller
+    # step and saves the experiment), raised from the driver's callback at the moment the
+    # checkpoint of a trial that ASHA let continue has been processed: the trial's next
+    # result cannot be processed before the run ends, so the interruption lands mid-trial in
+    # every run (no race with the trial's own speed).
+    interrupted: list[int] = []
+    live_callback = RayEngine._callback
+
+    def interrupting_callback(engine: RayEngine) -> object:
+        live = live_callback(engine)
+        on_trial_save = live.on_trial_save
+
+        def save_then_interrupt(**info: object) -> None:
+            on_trial_save(**info)
+            trial = info["trial"]
+            last = trial.last_result or {}
+            record = json.loads(last.get("aanas_result", "{}"))
+            epochs = record.get("metrics", {}).get("epochs")
+            # done: ASHA stopped it on this result, so it has nothing left to resume
+            if not interrupted and record.get("state") == "RUNNING" and epochs == 1.0:
+                if not last.get("done"):
+                    interrupted.append(_trial_number(trial.trial_id, Path(trial.path).name))
+                    signal.raise_signal(signal.SIGINT)
+
+        live.on_trial_save = save_then_interrupt  # instance attribute: pickling is unchanged
+        return live
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RayEngine, "_callback", interrupting_callback)
         first = run_search(recipe, out=out, progress=False)
-    finally:
-        stop.set()
-        watcher.join()
-    # On a quiet machine an epoch takes well under a second and the interrupt can land after
-    # the trials it aimed at finished; the resume checks below then have nothing to check.
+    assert len(interrupted) == 1, "no trial reached a checkpointed epoch-1 report"
+    resumed = interrupted[0]
     unfinished = {r.number for r in first.results if r.state == "RUNNING"}
+    assert resumed in unfinished, first.results
     exp_dir = out / "ray" / "run"
-    with_checkpoint = {
-        r.number
-        for r in first.results
-        if r.number in unfinished
-        for d in exp_dir.glob(f"*_{r.number + 1}_*")
-        # registered by the driver: result.json (written by the driver) has the epoch report
-        if (d / "checkpoint_000000").is_dir() and _ray_reports(d)
-    }
-    if not with_checkpoint:
-        warnings.warn(
-            "restore test: no trial was interrupted after a checkpoint (too fast)", stacklevel=1
-        )
+    resumed_dir = next(exp_dir.glob(f"*_{resumed + 1}_*"))
+    assert (resumed_dir / "checkpoint_000000").is_dir()
+    before = _ray_reports(resumed_dir)  # its reports so far: epoch 1 only
+    assert [json.loads(r["aanas_result"])["metrics"]["epochs"] for r in before] == [1.0]
 
     # --- second run: Tuner.restore; the run directory is updated trial by trial ----------------
     added: list[int] = []
@@ -243,10 +228,16 @@ def test_train_evaluator_asha_checkpoints_and_restore(tmp_path, ray_local, monke
             assert r.accuracy == pytest.approx(record["accuracy"])
     assert any(r.accuracy > 0.2 for r in results.values())  # real learning: 10 classes
 
-    # a trial interrupted after its epoch-1 checkpoint continued from it (not from scratch)
-    for n in with_checkpoint:  # its epoch-1 report was in: it can only have completed since
-        assert results[n].state == "COMPLETE", results[n]
-        assert results[n].metrics.get("resumed_at_epoch") == 1.0, results[n]
+    # the interrupted trial continued from its epoch-1 checkpoint, not from scratch: its first
+    # report after the restore is epoch 2 (no second epoch-1 report) and says so
+    after = _ray_reports(resumed_dir)[len(before) :]
+    assert after, "the interrupted trial reported nothing after the restore"
+    first_after = json.loads(after[0]["aanas_result"])
+    assert first_after["metrics"]["epochs"] >= 2, first_after
+    assert first_after["metrics"].get("resumed_at_epoch") == 1.0, first_after
+    assert all(json.loads(r["aanas_result"])["metrics"]["epochs"] >= 2 for r in after)
+    assert results[resumed].state == "COMPLETE", results[resumed]
+    assert results[resumed].metrics.get("resumed_at_epoch") == 1.0, results[resumed]
 
     # the Pareto front (min MACs, max accuracy) over the COMPLETE trials, by brute force
     complete = [r for r in results.values() if r.state == "COMPLETE"]
