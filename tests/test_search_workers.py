@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +44,8 @@ WORKER = textwrap.dedent(
             text = spec.encode()
             with open(log_dir / "evaluated.log", "a") as fh:
                 fh.write(text + "\\n")
+            if (log_dir / "hang").exists():  # a worker to be killed mid-trial
+                time.sleep(600)
             time.sleep({sleep})
             acc = 0.5 + (int(spec.digest(), 16) % 1000) / 2500.0
             if report is not None:
@@ -173,6 +176,104 @@ def test_three_workers_started_together_share_one_run_dir(tmp_path):
     assert f"distinct architectures evaluated: {len(set(evaluated))}" in summary
     assert all("best:" in o for o in outputs)
     assert json.loads((out / "run.json").read_text())["storage"].endswith("study.journal")
+
+
+def _worker_pid(ft) -> int:
+    """The process id in a trial's worker name ``<host>-<pid>-<start ms>`` (-1: not set yet,
+    the trial is being claimed)."""
+    worker = ft.user_attrs.get("worker")
+    return int(worker.rsplit("-", 2)[1]) if worker else -1
+
+
+@pytest.mark.slow
+def test_kill_9_worker_mid_trial_is_replaced_and_the_study_ends_exact(tmp_path):
+    """kill -9 of a worker in the middle of a trial, once the others have finished everything
+    else: they see its worker lock released, mark the trial FAIL (lost, with the reason), run a
+    replacement (a worker with nothing left to ask for waits for running trials instead of
+    exiting) and the study ends with exactly --trials counted trials; the files agree."""
+    from optuna.trial import TrialState
+
+    from aanas.search.optuna_engine import counted
+
+    out = tmp_path / "run"
+    trials = 6
+    args = ["search", "--out", str(out), "--trials", str(trials), "--no-progress",
+            "--supernet-epochs", "1"]  # fmt: skip
+    logs = tmp_path / "logs"
+    (logs / "victim").mkdir(parents=True)
+    (logs / "victim" / "hang").touch()  # its first evaluation never returns
+    (victim,) = start_workers(1, args, logs / "victim")
+    hung = logs / "victim" / "evaluated.log"
+    deadline = time.time() + 120
+    while not (hung.is_file() and hung.read_text().split()):
+        assert victim.poll() is None and time.time() < deadline, "the victim never evaluated"
+        time.sleep(0.05)
+    others = start_workers(2, args, logs / "others", sleep=0.05)
+    lines: list[list[str]] = [[] for _ in others]
+    readers = [
+        threading.Thread(target=lambda p=p, buf=buf: buf.extend(p.stdout), daemon=True)
+        for p, buf in zip(others, lines, strict=True)
+    ]
+    for r in readers:
+        r.start()
+    # The others finish every other trial, then wait for the victim's (they must not exit:
+    # a trial lost after that would never be replaced); each says so once. One that was
+    # handed the victim's architecture waits on that trial as its twin instead.
+    study = load_study(journal(out / "study.journal"), out.resolve().name)
+    waiting = "all trials asked for; waiting for the running ones"
+
+    def twin_waiters() -> set[int]:
+        fts = study.get_trials(deepcopy=False)
+        (hung_trial,) = [t for t in fts if _worker_pid(t) == victim.pid]
+        return {
+            _worker_pid(t)
+            for t in fts
+            if t.state == TrialState.RUNNING
+            and t.number != hung_trial.number
+            and t.user_attrs.get("spec") == hung_trial.user_attrs["spec"]
+        }
+
+    while not all(
+        any(waiting in line for line in buf) or p.pid in twin_waiters()
+        for p, buf in zip(others, lines, strict=True)
+    ):
+        for p, buf in zip(others, lines, strict=True):
+            assert p.poll() is None, "".join(buf)
+        assert time.time() < deadline + 120, lines
+        time.sleep(0.1)
+    twins = len(twin_waiters())
+    assert sum(counted(t) for t in study.get_trials(deepcopy=False)) == trials - 1 - twins
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(10)
+    for p, r in zip(others, readers, strict=True):
+        p.wait(timeout=180)
+        r.join(timeout=10)
+    outputs = ["".join(buf) for buf in lines]
+    for p, output in zip(others, outputs, strict=True):
+        assert p.returncode == 0, output
+
+    fts = study.get_trials(deepcopy=False)
+    (lost,) = [t for t in fts if _worker_pid(t) == victim.pid]  # its one and only trial
+    assert lost.state == TrialState.FAIL and "result" not in lost.user_attrs
+    assert lost.user_attrs["lost"].startswith(f"lost: worker {lost.user_attrs['worker']} ended")
+    assert "killed or crashed" in lost.user_attrs["lost"]
+    # the replacement ran: one trial more than requested, all but the lost one counted
+    assert len(fts) == trials + 1 and lost.number < fts[-1].number
+    assert not [t for t in fts if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    evaluated = (logs / "others" / "evaluated.log").read_text().split()
+    check_study(study, trials, evaluated)  # the lost spec may be evaluated once, by a survivor
+    assert all(_worker_pid(t) != victim.pid for t in fts if t.number > lost.number)
+    # the files agree with the storage, and the lost record says what happened
+    stored = [(t.number, t.state.name) for t in fts]
+    for records in (read_jsonl(out / "trials.jsonl"), read_csv(out / "trials.csv")):
+        assert [(r.number, "PRUNED" if r.state == "REJECTED" else r.state) for r in records] == (
+            stored
+        )
+    record = {r.number: r for r in read_jsonl(out / "trials.jsonl")}[lost.number]
+    assert record.state == "FAIL" and record.error == lost.user_attrs["lost"]
+    summary = (out / "summary.md").read_text()
+    assert "lost or interrupted trials (not counted, replaced by new ones): 1" in summary
+    assert all("best:" in o for o in outputs)
 
 
 def test_worker_seeds_differ_and_first_is_the_recipe_seed():

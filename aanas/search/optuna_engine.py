@@ -25,7 +25,9 @@ its architecture:
   trial's stored result (waiting for it if it is still running) and says so in its ``note``;
 - a trial whose worker died (kill -9, lost machine) is marked FAIL with a "lost" reason and is not
   counted, so the search runs another in its place: on file storages as soon as anyone looks (the
-  dead worker's file lock is gone), on an RDB after the heartbeat grace period;
+  dead worker's file lock is gone), on an RDB after the heartbeat grace period. A worker with
+  nothing left to ask for stays until the other workers' running trials have finished (polling
+  the storage), so a trial lost at the very end is still replaced and the study ends exact;
 - Ctrl-C / SIGTERM marks the running trial FAIL ("interrupted", not counted) before exiting.
 
 Trial records live in user attributes (visible in optuna-dashboard): ``result`` (the full
@@ -77,6 +79,11 @@ _STUDY_KEY = "aanas"  # study user attr: what the study was created for
 _STUDY_WORKERS = "aanas_workers"  # study user attr: how many workers have joined
 
 _POLL_S = 0.2  # waiting for another worker's trial of the same spec
+_IDLE_POLL_S = 0.5  # nothing to ask for: waiting for the other workers' running trials
+
+
+class _Wait:
+    """Internal: the study has all its trials asked for, but some are still running."""
 
 
 def resolve_storage(storage: str | None, run_dir: Any) -> str:
@@ -257,6 +264,7 @@ class OptunaEngine(SearchEngine):
         self._active: dict[int, Any] = {}  # trial number -> optuna Trial, running here
         self._active_lock = threading.Lock()
         self._stop = threading.Event()
+        self._told_waiting = threading.Event()  # the "waiting for running trials" line, once
 
     # -- storage, locks, liveness ---------------------------------------------------------------
 
@@ -388,13 +396,24 @@ class OptunaEngine(SearchEngine):
         storage = study._storage
         changed = False
         if not self._local_files:
-            with _quiet():
-                before = sum(1 for t in trials if t.state == TrialState.RUNNING)
-                import optuna
+            import optuna
 
+            with _quiet():
                 optuna.storages.fail_stale_trials(study)
-                after = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-                changed = after != before
+            running = {t.number for t in trials if t.state == TrialState.RUNNING}
+            now = study.get_trials(deepcopy=False)
+            # Optuna marks them FAIL itself (no attribute can be set on a finished trial): the
+            # record says why (_trial_to_result: no heartbeat for the grace period)
+            stale = [t for t in now if t.number in running and t.state == TrialState.FAIL]
+            for t in stale:
+                _LOG.warning(
+                    "trial %d lost: its worker sent no heartbeat for %d s; not counted",
+                    t.number,
+                    self.recipe.grace_s,
+                )
+                if self.on_trial is not None:
+                    self.on_trial(_trial_to_result(t, self.recipe.seed))
+            changed = bool(stale)
         for t in trials:
             if t.state != TrialState.RUNNING:
                 continue
@@ -422,17 +441,21 @@ class OptunaEngine(SearchEngine):
                 self.on_trial(_trial_to_result(storage.get_trial(t._trial_id), self.recipe.seed))
         return changed
 
-    def _claim(self, study: Any) -> _Claim | None:
-        """Under the claim lock: None when the study has its trials, else a new reserved trial."""
+    def _claim(self, study: Any) -> _Claim | _Wait | None:
+        """Under the claim lock: None when the study has its trials, :class:`_Wait` when the
+        rest are running (one may yet be lost and need a replacement), else a new trial."""
         from optuna.trial import TrialState
 
         with self._claim_lock:
             trials = study.get_trials(deepcopy=False)
             if self._fail_lost(study, trials):
                 trials = study.get_trials(deepcopy=False)
-            taken = sum(1 for t in trials if counted(t) or t.state == TrialState.RUNNING)
-            if taken >= self.recipe.trials:
+            done = sum(1 for t in trials if counted(t))
+            if done >= self.recipe.trials:
                 return None
+            running = sum(1 for t in trials if t.state == TrialState.RUNNING)
+            if done + running >= self.recipe.trials:
+                return _Wait()
             with _quiet():
                 trial = study.ask()
             with self._active_lock:  # from here on, an interrupt marks it
@@ -586,6 +609,18 @@ class OptunaEngine(SearchEngine):
             claim = self._claim(self.study)
             if claim is None:
                 return
+            if isinstance(claim, _Wait):
+                # Exiting now would leave a trial lost after this point (its worker killed)
+                # unreplaced: the study would end short. Polling is cheap next to a trial.
+                if not self._told_waiting.is_set():
+                    self._told_waiting.set()
+                    _LOG.info(
+                        "all trials asked for; waiting for the running ones (a trial whose "
+                        "worker died is replaced%s)",
+                        "" if self._local_files else f" after {self.recipe.grace_s} s silence",
+                    )
+                self._stop.wait(_IDLE_POLL_S)
+                continue
             try:
                 self._run_one(claim)
             except _Interrupted:
