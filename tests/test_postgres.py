@@ -99,6 +99,14 @@ def _rdb(url: str):
 
 @pytest.mark.slow
 def test_three_workers_on_postgresql_then_resume_after_a_kill(tmp_path, postgres_url):
+    """Three machines on one PostgreSQL study; one is killed (kill -9) in the middle of a trial.
+    The survivors wait for its trial instead of leaving, mark it FAIL once its heartbeat has
+    been silent for the grace period, run a replacement, and the study ends with exactly
+    --trials counted trials; every machine's run directory agrees with the storage."""
+    from optuna.trial import TrialState
+
+    from aanas.results import read_jsonl
+
     trials = 9
     common = ["--storage", postgres_url, "--study-name", "pg-study", "--no-progress",
               "--supernet-epochs", "1", "--set", "heartbeat_s=1", "--set", "grace_s=4"]  # fmt: skip
@@ -107,6 +115,8 @@ def test_three_workers_on_postgresql_then_resume_after_a_kill(tmp_path, postgres
         return ["search", "--out", str(tmp_path / f"machine{k}"), "--trials", str(n), *common]
 
     logs = tmp_path / "logs"
+    (logs / "m0").mkdir(parents=True)
+    (logs / "m0" / "hang").touch()  # machine 0's first evaluation never returns
     # each machine runs its own command (own --out); all are released by one "go" file
     procs = [start_workers(1, args(k), logs / f"m{k}", sleep=0.3, go=logs / "go")[0]
              for k in range(3)]  # fmt: skip
@@ -117,21 +127,34 @@ def test_three_workers_on_postgresql_then_resume_after_a_kill(tmp_path, postgres
     while not (evaluated.is_file() and evaluated.read_text().split()):
         assert victim.poll() is None and time.time() < deadline
         time.sleep(0.05)
-    time.sleep(0.1)  # mid-trial
-    victim.send_signal(signal.SIGKILL)
+    victim.send_signal(signal.SIGKILL)  # mid-trial: it hangs in its first evaluation
     victim.wait(10)
-    wait_all(procs[1:])
-    # resume: the killed machine runs the same command again and the study ends complete
-    time.sleep(4.5)  # past the heartbeat grace period: its orphan trial is stale
+    outputs = wait_all(procs[1:])
+    # the killed machine runs the same command again: the study is complete, it only joins
+    # and rewrites its run directory from the storage
     (rerun,) = start_workers(1, args(0), logs / "m0-again", sleep=0.0)
     wait_all([rerun])
-    all_evaluated = []
-    for log in logs.glob("*/evaluated.log"):
+    all_evaluated = []  # the victim's evaluation never finished: a survivor may redo its spec
+    for log in logs.glob("m[12]*/evaluated.log"):
         all_evaluated += log.read_text().split()
     study = load_study(_rdb(postgres_url), "pg-study")
     fts = check_study(study, trials, all_evaluated)
     assert study.user_attrs["aanas_workers"] == 4
-    lost = [t for t in fts if t.state.name == "FAIL" and "result" not in t.user_attrs]
-    assert lost, "the killed worker's trial is marked lost"
+    (lost,) = [t for t in fts if t.state == TrialState.FAIL and "result" not in t.user_attrs]
+    assert str(victim.pid) in lost.user_attrs["worker"]
+    # the replacement ran (not left WAITING): one trial more than requested, after the lost one
+    assert len(fts) == trials + 1 and lost.number < fts[-1].number
+    assert fts[-1].state == TrialState.COMPLETE
+    # exactly one survivor found it stale (under the advisory lock) and said so
+    said = f"trial {lost.number} lost: its worker sent no heartbeat for 4 s"
+    assert sum(said in o for o in outputs) == 1, outputs
+    stored = [(t.number, t.state.name) for t in fts]
+    for k in range(3):
+        records = read_jsonl(tmp_path / f"machine{k}" / "trials.jsonl")
+        assert [(r.number, "PRUNED" if r.state == "REJECTED" else r.state) for r in records] == (
+            stored
+        ), k
+        record = {r.number: r for r in records}[lost.number]
+        assert record.error.startswith("lost: its worker sent no heartbeat for the grace period")
     workers = {t.user_attrs["worker"] for t in fts}
-    assert len(workers) >= 3, workers
+    assert len(workers) == 3, workers  # the victim and the two survivors; the rerun ran none
