@@ -371,3 +371,27 @@ def test_duplicate_suggestions_reuse_the_stored_result(tmp_path, storage):
         assert (twin.spec, twin.accuracy, twin.reward) == (r.spec, r.accuracy, r.reward)
         assert "not re-evaluated" in r.note and r.wall_s == 0.0
     assert "distinct architectures evaluated: 4 (6 repeated suggestions" in outcome.summary
+
+
+def test_progress_bar_counts_only_trials_counted_toward_the_total():
+    """A lost or interrupted trial is replaced by another: the bar must not count it."""
+    from aanas.results import TrialResult
+    from aanas.search.runner import _Progress
+
+    bar = _Progress(4, enabled=True, multi=False)
+    try:
+        bar.update(
+            [
+                TrialResult(number=0, state="COMPLETE", spec="a", accuracy=0.5, macs=10),
+                TrialResult(number=1, state="FAIL", error="lost: worker w ended while it ran"),
+                TrialResult(number=2, state="FAIL", error="interrupted by SIGTERM: not counted"),
+                TrialResult(number=3, state="FAIL", error="NaN loss at epoch 1"),  # counted
+                TrialResult(number=4, state="RUNNING", spec="b"),
+                TrialResult(number=5, state="PRUNED", spec="c", accuracy=0.1, macs=10),
+            ]
+        )
+        assert bar.bar.n == 3  # trials 0, 3 and 5
+        bar.update([TrialResult(number=0, state="COMPLETE", spec="a", accuracy=0.5, macs=10)])
+        assert bar.bar.n == 3  # the same trial handed over twice counts once
+    finally:
+        bar.close()

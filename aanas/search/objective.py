@@ -50,8 +50,13 @@ class TrialPrunedError(Exception):
 
 
 class TrialFailedError(RuntimeError):
-    """Raised by an engine for a FAIL record, so the engine's own bookkeeping marks the trial
-    failed (Optuna catches it via ``optimize(catch=...)``; Ray marks the trial ERROR)."""
+    """What an evaluator may raise to fail a candidate with a message (any exception does the
+    same: :meth:`Objective.evaluate_spec` turns it into a FAIL record and the search goes on).
+
+    No engine raises it: the Optuna engine tells a FAIL record to Optuna as a FAIL state, and
+    the Ray trainable reports it as its normal final result (the trial ends TERMINATED), so
+    Ray's ERROR state is kept for trials whose worker died, which a restored search resumes.
+    """
 
 
 # (epoch, validation accuracy so far) -> True to stop the candidate (the objective raises

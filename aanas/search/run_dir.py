@@ -54,7 +54,7 @@ from aanas.results import (
 if TYPE_CHECKING:
     from aanas.train import Checkpoint
 
-__all__ = ["RunDirectory", "TrialLog", "best_result", "format_table", "rank"]
+__all__ = ["RunDirectory", "TrialLog", "best_result", "format_table", "is_lost", "rank"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -84,8 +84,9 @@ def best_result(results: Sequence[TrialResult], *, multi_objective: bool) -> Tri
     return ranked[0] if ranked else None
 
 
-def _lost(r: TrialResult) -> bool:
-    """A trial whose worker died or was interrupted (no result; not counted toward --trials)."""
+def is_lost(r: TrialResult) -> bool:
+    """A trial whose worker died or was interrupted (no result; not counted toward --trials:
+    the search runs another in its place)."""
     return r.state == "FAIL" and r.error.startswith(("lost", "interrupted"))
 
 
@@ -477,13 +478,13 @@ def summary_text(
     states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "none"
     best = best_result(results, multi_objective=multi_objective)
     lines = [f"# {title}", "", f"- score: {score}", f"- trials: {len(results)} ({states})"]
-    evaluated = {r.spec for r in results if r.spec and r.state != "RUNNING" and not _lost(r)}
+    evaluated = {r.spec for r in results if r.spec and r.state != "RUNNING" and not is_lost(r)}
     reused = sum(1 for r in results if "duplicate_of" in r.metrics)
     lines.append(
         f"- distinct architectures evaluated: {len(evaluated)}"
         + (f" ({reused} repeated suggestions reused a stored result)" if reused else "")
     )
-    lost = [r for r in results if _lost(r)]
+    lost = [r for r in results if is_lost(r)]
     if lost:
         lines.append(
             f"- lost or interrupted trials (not counted, replaced by new ones): {len(lost)}"

@@ -26,7 +26,7 @@ from aanas.errors import RecipeError
 from aanas.results import TrialResult
 from aanas.search.engine import SearchContext, get_engine
 from aanas.search.objective import Evaluator, Objective
-from aanas.search.run_dir import RunDirectory, TrialLog, best_result, summary_text
+from aanas.search.run_dir import RunDirectory, TrialLog, best_result, is_lost, summary_text
 from aanas.search.scoring import Scorer
 
 __all__ = ["SearchOutcome", "default_run_name", "run_search", "show_run"]
@@ -93,7 +93,8 @@ def _baselines(
 
 
 class _Progress:
-    """tqdm bar over finished trials with the best score so far."""
+    """tqdm bar over finished trials (those counted toward ``--trials``: a lost or interrupted
+    trial is replaced by another, so it is not progress) with the best score so far."""
 
     def __init__(self, total: int, *, enabled: bool, multi: bool) -> None:
         self.multi = multi
@@ -110,7 +111,7 @@ class _Progress:
         if self.bar is None:
             return
         for r in records:
-            if r.state != "RUNNING" and r.number not in self.seen:
+            if r.state != "RUNNING" and not is_lost(r):
                 self.seen.add(r.number)
             if self.best is None or best_result([self.best, r], multi_objective=self.multi) is r:
                 if r.state == "COMPLETE" and r.accuracy is not None:
