@@ -218,10 +218,11 @@ class Objective:
 
         last: list[float] = []
 
-        def _report(epoch: int, accuracy: float) -> None:
+        def _report(epoch: int, accuracy: float) -> bool:
             last.append(accuracy)
             if report is not None and report(epoch, accuracy):
                 raise TrialPrunedError(f"pruned after epoch {epoch} (accuracy {accuracy:.4f})")
+            return False  # a Reporter's answer: go on (stopping is the exception above)
 
         try:
             evaluation = self.evaluator.evaluate(spec, seed=seed, report=_report)
