@@ -140,10 +140,12 @@ def test_three_workers_on_postgresql_then_resume_after_a_kill(tmp_path, postgres
     study = load_study(_rdb(postgres_url), "pg-study")
     fts = check_study(study, trials, all_evaluated)
     assert study.user_attrs["aanas_workers"] == 4
-    (lost,) = [t for t in fts if t.state == TrialState.FAIL and "result" not in t.user_attrs]
-    assert str(victim.pid) in lost.user_attrs["worker"]
-    # the replacement ran (not left WAITING): one trial more than requested, after the lost one
-    assert len(fts) == trials + 1 and lost.number < fts[-1].number
+    # (on a machine loaded enough to stall a survivor's heartbeat thread for grace_s, that
+    # survivor's trial is lost too, and replaced the same way: allowed, counted below)
+    all_lost = [t for t in fts if t.state == TrialState.FAIL and "result" not in t.user_attrs]
+    (lost,) = [t for t in all_lost if f"-{victim.pid}-" in t.user_attrs["worker"]]
+    # the replacements ran (not left WAITING): one trial more than requested per lost one
+    assert len(fts) == trials + len(all_lost) and lost.number < fts[-1].number
     assert fts[-1].state == TrialState.COMPLETE
     # exactly one survivor found it stale (under the advisory lock) and said so
     said = f"trial {lost.number} lost: its worker sent no heartbeat for 4 s"
