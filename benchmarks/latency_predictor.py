@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=30, help="timed runs of every job")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs of every job")
-    parser.add_argument("--chunk", type=int, default=96, help="jobs held at a time")
+    parser.add_argument("--chunk", type=int, default=64, help="jobs held at a time")
     parser.add_argument("--stat", default="min", choices=STATS, help="statistic of --rows/--lut")
     parser.add_argument("--rows", action="store_true", help="print every test network")
     parser.add_argument("--lut", help="also save the (per-kind, --stat) table here")

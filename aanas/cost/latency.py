@@ -11,11 +11,13 @@ Two parts:
   of MnasNet (Tan et al., arXiv:1807.11626), FBNet (Wu et al., arXiv:1812.03443) and
   Once-for-All (Cai et al., arXiv:1908.09791): every distinct block configuration (its
   :class:`~aanas.spec.ResolvedBlock` fields without the name) is measured once at its input
-  resolution, and a network costs the sum of its stem, blocks and head plus a constant overhead
-  fitted by least squares on a few measured whole networks. Parts are timed with cold caches
-  (a 64 MiB buffer is touched, untimed, before every run) and in interleaved rounds, so that
-  they see what they see inside a network and a slow phase of a shared machine is spread over
-  all of them.
+  resolution, and a network costs the sum of its stem, blocks and head plus overheads per block
+  kind and an intercept, fitted by least squares on measured whole networks. Parts and whole
+  networks are timed together, in interleaved rounds (:func:`time_interleaved`), so a slow phase
+  of a shared machine is spread over all of them; every timed run follows an untimed priming
+  run and an L1/L2 eviction, so a part finds its weights where they are inside a network that
+  runs repeatedly (in the last-level cache, not in L2). onnxruntime with one thread is the
+  reference backend; eager PyTorch is an option.
 
 Latency here is the time of one forward pass in eval mode under ``torch.no_grad()``.
 """
@@ -485,9 +487,9 @@ _TRIM = 0.25
 # phase of a shared machine lands on all jobs of a round alike instead of on a few entries.
 _DEFAULT_ROUNDS = 30
 _DEFAULT_ROUND_WARMUP = 2
-# Jobs held (built, exported, with an onnxruntime session each) at a time: 96 AA-MnasNets at
-# 224 px are ~2.5 GB of sessions; parts are far smaller.
-_ROUND_CHUNK = 96
+# Jobs held (built, exported, with an onnxruntime session each) at a time: 64 AA-MnasNets at
+# 224 px are ~2 GB of sessions; parts are far smaller.
+_ROUND_CHUNK = 64
 
 Job = Callable[[], tuple[nn.Module, torch.Tensor]]
 
@@ -569,11 +571,16 @@ def time_interleaved(
     The jobs (no-argument factories returning ``(module, example input)``, built lazily) are
     shuffled with ``seed`` and taken ``chunk`` at a time; each chunk's modules are built (and,
     for onnxruntime, exported and given a session), warmed up ``warmup`` times each, then timed
-    in ``repeats`` rounds, each round calling every job of the chunk once in a fresh random
-    order. Table parts and whole networks given in one call therefore share the machine's slow
-    and fast phases, and no job is always timed right after the same neighbour. With
-    ``flush_cache`` (CPU), an untimed pass over a 64 MiB buffer evicts the caches before every
-    timed call, as a block inside a network finds them (see :class:`LatencyTable`).
+    in ``repeats`` rounds, each round calling every job of the chunk in a fresh random order:
+    an untimed priming call, an untimed read of a buffer twice the L2 size (with
+    ``flush_cache``, CPU), then the timed call. Table parts and whole networks given in one call
+    therefore share the machine's slow and fast phases, and no job is always timed right after
+    the same neighbour. Priming then evicting L1/L2 leaves a job's weights in the last-level
+    cache, as a block finds them inside a network run back to back (:func:`measure`), where the
+    other blocks evicted them from L2 but not from L3. (Evicting everything with a 64 MiB write
+    instead made tiny 32x32 networks 3.4x slower than back-to-back runs: their time is mostly
+    DRAM misses and the write-back of the dirty buffer.) onnxruntime jobs run with a bound
+    input and preallocated output (io-binding), so no run copies numpy arrays.
 
     Returns:
         Per job (in the given order), an array of ``repeats`` times in milliseconds.
@@ -726,11 +733,12 @@ class LatencyTable:
     The reference backend is onnxruntime with one intra-op thread, the runtime an exported
     model is deployed with (:mod:`aanas.export`); ``backend="torch"`` times eager PyTorch.
 
-    Parts are timed with cold caches by default (``flush_cache``): an untimed pass over a
-    64 MiB buffer precedes every timed run. Timed back to back, a lone block keeps its weights
-    in L1/L2 and looks much faster than inside a network, where the other blocks' weights evict
-    them; on a 2-core AMD EPYC (2 MiB L2) sums of warm parts underestimated whole MnasNets at
-    64x64 by ~35 %, sums of flushed parts by ~2 % (one network; noisy machine).
+    Parts are timed primed, then with L1/L2 evicted (``flush_cache``, see
+    :func:`time_interleaved`): a block inside a network finds its weights evicted from L2 by the
+    other blocks but still in L3. Timed back to back, a lone block keeps its weights in L1/L2
+    and looks faster than inside a network (on a 2-core AMD EPYC, 2 MiB L2, sums of warm parts
+    underestimated whole MnasNets at 64x64 by ~35 %, eager PyTorch); after a 64 MiB write that
+    evicts everything it looks far slower (3.4x for tiny 32x32 networks under onnxruntime).
 
     The table records the :func:`machine_fingerprint` it was measured on; :meth:`load` refuses
     (with a warning) a table from another machine, and a table of another format version with
@@ -763,8 +771,8 @@ class LatencyTable:
             threads: intra-op threads of the entries.
             batch: batch size of the entries.
             device: device of the entries.
-            flush_cache: evict the CPU caches (untimed) before every timed run of a part,
-                see the class docstring.
+            flush_cache: evict L1/L2 (untimed) before every timed run, see the class
+                docstring.
             stat: how an entry summarises its runs (:data:`STATS`, see :func:`robust_ms`).
             fingerprint: machine the entries were measured on (default: this one).
         """
@@ -905,8 +913,9 @@ class LatencyTable:
         Fits ``measured - sum(parts) = c`` (the mean residual). With ``per_type``, fits
         ``measured - sum(parts) = c + sum_k o_k * count_k`` over the block kinds whose count
         varies among ``specs`` (a constant count is indistinguishable from ``c``), stored in
-        :attr:`type_overheads`; needs at least two networks per fitted constant, else it warns
-        and fits ``c`` alone. With ``fit_scale``, the sum of parts gets a fitted factor
+        :attr:`type_overheads`, with a ridge penalty on the ``o_k`` chosen by leave-one-out
+        error (:func:`_ridge_loo`); needs at least two networks per fitted constant, else it
+        warns and fits ``c`` alone. With ``fit_scale``, the sum of parts gets a fitted factor
         :attr:`scale` too (needs >= 2 networks of different sums): isolated part timings can
         over- or understate blocks by a share rather than a constant.
 
@@ -942,7 +951,7 @@ class LatencyTable:
                 cols, kinds = cols[: 1 + fit_scale], []
         design = np.stack(cols, 1)
         target = measured if fit_scale else measured - sums
-        coef = np.linalg.lstsq(design, target, rcond=None)[0]
+        coef = _ridge_loo(design, target, free=1 + fit_scale)
         self.overhead_ms = float(coef[0])
         self.scale = float(coef[1]) if fit_scale else 1.0
         self.type_overheads = {
@@ -990,7 +999,7 @@ class LatencyTable:
             threads: intra-op threads.
             batch: batch size.
             device: device.
-            flush_cache: time parts with cold caches (see the class docstring).
+            flush_cache: evict L1/L2 before every timed run (see the class docstring).
             stat: statistic of the runs (:func:`robust_ms`).
             input_size: replaces every spec's input size (e.g. 128 to measure faster).
             repeats: interleaved rounds (timed runs per part and per network).
@@ -1130,6 +1139,38 @@ class LatencyTable:
 
 # Twice the 2 MiB per-core L2 of the EPYC this was tuned on: a read of it evicts L1/L2 but not
 # the 32 MiB L3, and (unlike a write) leaves no dirty lines to be written back in the timed run.
+# Ridge penalties tried on the per-kind overheads, times the number of networks (a count
+# column's squared norm is about that): 0 is plain least squares, 1e4 is a constant alone.
+_RIDGE_GRID = (0.0, *np.logspace(-3, 4, 15))
+
+
+def _ridge_loo(design: np.ndarray, target: np.ndarray, free: int) -> np.ndarray:
+    """Least squares with a ridge penalty on the columns after the first ``free``, the penalty
+    chosen from :data:`_RIDGE_GRID` by leave-one-out error (closed form for a linear smoother,
+    ``e_i / (1 - H_ii)``, Hastie et al., *Elements of Statistical Learning*, eq. 7.52).
+
+    On noisy timings, plain least squares gives rare block kinds overheads of several ms of
+    either sign (a shared-machine run fitted -3.1 ms to one kind, +2.7 ms to another); the
+    held-out-chosen penalty shrinks them toward a constant overhead when the data cannot
+    support them, and leaves them alone (penalty 0) when it can.
+    """
+    n, p = design.shape
+    if p == free:
+        return np.linalg.lstsq(design, target, rcond=None)[0]
+    best: tuple[float, np.ndarray] | None = None
+    for lam in _RIDGE_GRID:
+        penalty = np.diag([0.0] * free + [lam * n] * (p - free))
+        gram_inv = np.linalg.pinv(design.T @ design + penalty)
+        coef = gram_inv @ design.T @ target
+        hat = np.einsum("ij,jk,ik->i", design, gram_inv, design)  # diag of the hat matrix
+        resid = (target - design @ coef) / np.clip(1.0 - hat, 1e-9, None)
+        loo = float(np.mean(resid**2))
+        if best is None or loo < best[0] - 1e-12 * max(1.0, best[0]):
+            best = (loo, coef)
+    assert best is not None
+    return best[1]
+
+
 _FLUSH_BYTES = 4 * 2**20
 
 
