@@ -13,7 +13,8 @@ Procedure (one run, onnxruntime with 1 intra-op thread by default):
 2. ONE interleaved measurement (:func:`aanas.cost.time_interleaved`): every distinct part (stem,
    block, head) of all of them, every train network whole, and every test network whole TWICE
    (two independent copies: own module, own session), ``--rounds`` timed runs each, one run per
-   job and round in a fresh random order, caches flushed before every run.
+   job and round in a fresh random order, each timed run after an untimed priming run and an
+   L1/L2 eviction.
 3. For each statistic (min, trimmed mean, median of the runs) and each overhead model (one
    constant; per-block-kind constants + intercept), fit on the train networks only and predict
    the test networks. Error = prediction vs the test networks' first copy.
@@ -22,8 +23,8 @@ Procedure (one run, onnxruntime with 1 intra-op thread by default):
 
 Usage::
 
-    # the full run (224 px, 30 train + 50 held-out, 30 rounds): ~15-25 min on a quiet
-    # 2-core EPYC, most of it exporting ~500 parts to ONNX and the flushed rounds
+    # the full run (224 px, 30 train + 50 held-out, 30 rounds): roughly 12-15 min on a quiet
+    # 2-core EPYC, most of it ONNX export (~450 parts, 130 networks) and the 30 rounds
     python benchmarks/latency_predictor.py
     # a short smoke run
     python benchmarks/latency_predictor.py --input-size 96 --train 12 --test 10 --rounds 8
