@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aanas.cost import STATS, LatencyTable, count_spec, machine_fingerprint, robust_ms
+from aanas.cost import CLOCKS, STATS, LatencyTable, count_spec, machine_fingerprint, robust_ms
 from aanas.space import SearchSpace
 from aanas.spec import ArchSpec, resolve
 
@@ -72,6 +72,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30, help="timed runs of every job")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs of every job")
     parser.add_argument("--chunk", type=int, default=64, help="jobs held at a time")
+    parser.add_argument(
+        "--clock", default="wall", choices=CLOCKS, help="thread: CPU time (1 thread, shared box)"
+    )
     parser.add_argument("--stat", default="min", choices=STATS, help="statistic of --rows/--lut")
     parser.add_argument("--rows", action="store_true", help="print every test network")
     parser.add_argument("--lut", help="also save the (per-kind, --stat) table here")
@@ -101,10 +104,12 @@ def main() -> None:
     print(
         f"space {Path(args.space).name} at {size}x{size}, {args.train} train + {args.test} "
         f"held-out networks, {args.backend} with {args.threads} thread(s), {args.rounds} "
-        f"interleaved rounds"
+        f"interleaved rounds, {args.clock} clock"
     )
     t0 = time.perf_counter()
-    table = LatencyTable(backend=args.backend, threads=args.threads, stat=args.stat)
+    table = LatencyTable(
+        backend=args.backend, threads=args.threads, stat=args.stat, clock=args.clock
+    )
     times = table.update(
         [*train, *test],
         networks=[*train, *test, *test],

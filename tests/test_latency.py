@@ -106,8 +106,8 @@ def test_time_interleaved_runs_every_job_once_per_round() -> None:
 
 
 def test_time_interleaved_times_what_runs() -> None:
-    """A job that sleeps 3 ms is timed >= 3 ms slower than one that does not (time.sleep is the
-    reference; sleeping only ever overshoots)."""
+    """On the wall clock a job that sleeps 3 ms is timed >= 3 ms slower than one that does not
+    (time.sleep is the reference; sleeping only ever overshoots); on the thread clock not."""
     log: list[int] = []
     jobs = [
         lambda: (_Recorder(0, log), torch.zeros(1)),
@@ -116,6 +116,15 @@ def test_time_interleaved_times_what_runs() -> None:
     fast, slow = time_interleaved(jobs, backend="torch", repeats=5, warmup=0, flush_cache=False)
     assert robust_ms(slow, "min") - robust_ms(fast, "min") >= 3.0
     assert robust_ms(fast, "min") < 3.0
+    # The thread clock counts CPU time only: sleeping costs none of it.
+    _, slept = time_interleaved(
+        jobs, backend="torch", repeats=5, warmup=0, flush_cache=False, clock="thread"
+    )
+    assert robust_ms(slept, "min") < 1.0
+    with pytest.raises(ValueError, match="needs threads=1"):
+        time_interleaved(jobs, backend="torch", threads=2, clock="thread")
+    with pytest.raises(ValueError, match="clock must be one of"):
+        LatencyTable(clock="cpu")
 
 
 # --- the overhead fit -------------------------------------------------------------------------
@@ -211,11 +220,16 @@ def test_table_round_trip_and_stale_versions(
     specs = _tiny_specs(4)
     table = _synthetic_table(specs)
     table.overhead_ms, table.type_overheads, table.stat = 0.25, {"ir+se": 0.03}, "trimmed"
+    table.clock = "thread"
     path = tmp_path / "lut.yaml"
     table.save(path)
     loaded = LatencyTable.load(path)
     assert loaded is not None and loaded.entries == pytest.approx(table.entries)
-    assert (loaded.type_overheads, loaded.stat) == ({"ir+se": 0.03}, "trimmed")
+    assert (loaded.type_overheads, loaded.stat, loaded.clock) == (
+        {"ir+se": 0.03},
+        "trimmed",
+        "thread",
+    )
     assert [loaded.predict(s) for s in specs] == pytest.approx([table.predict(s) for s in specs])
 
     data = yaml.safe_load(path.read_text(encoding="utf-8"))

@@ -17,6 +17,7 @@ from aanas.cost.flops import (
     reference_macs,
 )
 from aanas.cost.latency import (
+    CLOCKS,
     STATS,
     LatencyResult,
     LatencyTable,
@@ -31,6 +32,7 @@ from aanas.cost.latency import (
 )
 
 __all__ = [
+    "CLOCKS",
     "STATS",
     "Cost",
     "LatencyResult",

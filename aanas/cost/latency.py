@@ -53,6 +53,7 @@ from aanas.spec import ArchSpec, ResolvedArch, ResolvedBlock, resolve
 
 __all__ = [
     "BACKENDS",
+    "CLOCKS",
     "STATS",
     "LatencyResult",
     "LatencyTable",
@@ -160,9 +161,10 @@ def _time_runs(
     warmup: int,
     sync: bool,
     before: Callable[[], object] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> list[float]:
     """Seconds of each of ``repeats`` calls of ``run`` after ``warmup`` untimed calls;
-    ``before`` (untimed) runs ahead of every timed call."""
+    ``before`` (untimed) runs ahead of every timed call; ``clock`` reads the time."""
     for _ in range(warmup):
         run()
     if sync:
@@ -173,11 +175,11 @@ def _time_runs(
             before()
             if sync:
                 torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         run()
         if sync:
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return times
 
 
@@ -518,6 +520,20 @@ def robust_ms(times_ms: Sequence[float] | np.ndarray, stat: str = "min") -> floa
     raise ValueError(f"stat must be one of {STATS}, got {stat!r}")
 
 
+CLOCKS: tuple[str, ...] = ("wall", "thread")
+
+
+def _clock(clock: str, threads: int, device: str) -> Callable[[], float]:
+    """The timer of ``clock`` (see :func:`time_interleaved`), checked against the settings."""
+    if clock == "wall":
+        return time.perf_counter
+    if clock != "thread":
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
+    if threads != 1 or device != "cpu":
+        raise ValueError(f"clock 'thread' needs threads=1 on cpu, got {threads} on {device!r}")
+    return time.thread_time
+
+
 @contextlib.contextmanager
 def _gc_paused() -> Iterator[None]:
     """No cyclic garbage collection inside the timed rounds (a collection costs milliseconds)."""
@@ -565,6 +581,7 @@ def time_interleaved(
     flush_cache: bool = True,
     seed: int = 0,
     chunk: int = _ROUND_CHUNK,
+    clock: str = "wall",
 ) -> list[np.ndarray]:
     """Milliseconds of ``repeats`` forward passes of every job, timed in interleaved rounds.
 
@@ -582,12 +599,19 @@ def time_interleaved(
     DRAM misses and the write-back of the dirty buffer.) onnxruntime jobs run with a bound
     input and preallocated output (io-binding), so no run copies numpy arrays.
 
+    ``clock="thread"`` (one CPU thread only) times with the calling thread's CPU time
+    (``time.thread_time``): a one-thread onnxruntime or PyTorch run computes on the calling
+    thread, so on a quiet machine it equals the wall time, and on a shared one it leaves out
+    the time other processes held the core (it still counts their cache and memory-bandwidth
+    interference). ``"wall"`` is ``time.perf_counter``.
+
     Returns:
         Per job (in the given order), an array of ``repeats`` times in milliseconds.
     """
     _check_settings(backend, threads, 1, repeats, warmup)
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk!r}")
+    timer = _clock(clock, threads, device)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(jobs))
     out: list[np.ndarray] = [np.empty(0)] * len(jobs)
@@ -605,7 +629,7 @@ def time_interleaved(
                 for r in range(repeats):
                     for k in rng.permutation(len(idx)):
                         runners[k]()  # prime: the job's weights into the last-level cache
-                        times[k, r] = _time_runs(runners[k], 1, 0, sync, flush)[0]
+                        times[k, r] = _time_runs(runners[k], 1, 0, sync, flush, timer)[0]
             for k, i in enumerate(idx):
                 out[i] = times[k] * 1e3
             del runners
@@ -623,6 +647,7 @@ _BLOCK_FIELDS: tuple[str, ...] = tuple(
 _TABLE_VERSION = 2
 _TABLE_KEYS = frozenset(
     {"version", "fingerprint", "backend", "threads", "batch", "device", "flush_cache", "stat"}
+    | {"clock"}
     | {"overhead_ms", "scale", "type_overheads", "entries"}
 )
 _REQUIRED_KEYS = frozenset({"version", "fingerprint", "backend", "threads", "batch", "device"})
@@ -758,6 +783,7 @@ class LatencyTable:
         device: str = "cpu",
         flush_cache: bool = True,
         stat: str = "min",
+        clock: str = "wall",
         fingerprint: dict[str, str] | None = None,
     ) -> None:
         """Creates a table (usually via :meth:`build` or :meth:`load`).
@@ -774,6 +800,8 @@ class LatencyTable:
             flush_cache: evict L1/L2 (untimed) before every timed run, see the class
                 docstring.
             stat: how an entry summarises its runs (:data:`STATS`, see :func:`robust_ms`).
+            clock: ``"wall"`` or ``"thread"`` (CPU time of the one timing thread, see
+                :func:`time_interleaved`).
             fingerprint: machine the entries were measured on (default: this one).
         """
         _check_settings(backend, threads, batch, 1, 0)
@@ -789,6 +817,8 @@ class LatencyTable:
         self.device = device
         self.flush_cache = flush_cache
         self.stat = stat
+        _clock(clock, threads, device)  # checks it
+        self.clock = clock
         self.fingerprint = fingerprint or machine_fingerprint(device)
         # Raw per-run ms of the parts this object measured (not saved): lets :meth:`use_stat`
         # re-summarise them, e.g. to compare statistics on one set of measurements.
@@ -802,7 +832,7 @@ class LatencyTable:
             f"LatencyTable({len(self)} entries, scale={self.scale:.3f}, "
             f"overhead={self.overhead_ms:.3f} ms, {len(self.type_overheads)} kind overheads, "
             f"backend={self.backend!r}, threads={self.threads}, batch={self.batch}, "
-            f"stat={self.stat!r})"
+            f"stat={self.stat!r}, clock={self.clock!r})"
         )
 
     # -- prediction --
@@ -885,6 +915,7 @@ class LatencyTable:
             flush_cache=self.flush_cache,
             seed=seed,
             chunk=chunk,
+            clock=self.clock,
         )
         for sig, t in zip(todo, times, strict=False):
             self.samples[sig] = t
@@ -939,7 +970,7 @@ class LatencyTable:
                 if np.ptp(col) > 0:
                     kinds.append(kind)
                     cols.append(col)
-            if len(specs) < 2 * len(cols):
+            if kinds and len(specs) < 2 * len(cols):
                 _LOG.warning(
                     "%d networks are too few to fit %d overheads (%d block kinds vary); fitting "
                     "one constant (measure >= %d networks)",
@@ -975,6 +1006,7 @@ class LatencyTable:
         device: str = "cpu",
         flush_cache: bool = True,
         stat: str = "min",
+        clock: str = "wall",
         input_size: int | None = None,
         repeats: int = _DEFAULT_ROUNDS,
         warmup: int = _DEFAULT_ROUND_WARMUP,
@@ -1001,6 +1033,7 @@ class LatencyTable:
             device: device.
             flush_cache: evict L1/L2 before every timed run (see the class docstring).
             stat: statistic of the runs (:func:`robust_ms`).
+            clock: ``"wall"`` or ``"thread"`` (see :func:`time_interleaved`).
             input_size: replaces every spec's input size (e.g. 128 to measure faster).
             repeats: interleaved rounds (timed runs per part and per network).
             warmup: untimed runs of each before them.
@@ -1020,6 +1053,7 @@ class LatencyTable:
                 device=device,
                 flush_cache=flush_cache,
                 stat=stat,
+                clock=clock,
             )
         before = len(table)
         fit = specs[: max(fit_networks, 0)]
@@ -1043,6 +1077,7 @@ class LatencyTable:
             "device": self.device,
             "flush_cache": self.flush_cache,
             "stat": self.stat,
+            "clock": self.clock,
             "overhead_ms": self.overhead_ms,
             "scale": self.scale,
             "type_overheads": dict(self.type_overheads),
@@ -1133,6 +1168,7 @@ class LatencyTable:
             device=data["device"],
             flush_cache=bool(data.get("flush_cache", True)),
             stat=str(data.get("stat", "min")),
+            clock=str(data.get("clock", "wall")),
             fingerprint=fingerprint,
         )
 
