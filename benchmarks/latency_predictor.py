@@ -73,9 +73,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs of every job")
     parser.add_argument("--chunk", type=int, default=64, help="jobs held at a time")
     parser.add_argument(
-        "--clock", default="wall", choices=CLOCKS, help="thread: CPU time (1 thread, shared box)"
+        "--clock", default="thread", choices=CLOCKS, help="thread: CPU time (1 thread only)"
     )
-    parser.add_argument("--stat", default="min", choices=STATS, help="statistic of --rows/--lut")
+    parser.add_argument(
+        "--stat", default="trimmed", choices=STATS, help="statistic of --rows/--lut"
+    )
     parser.add_argument("--rows", action="store_true", help="print every test network")
     parser.add_argument("--lut", help="also save the (per-kind, --stat) table here")
     args = parser.parse_args()

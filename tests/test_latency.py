@@ -202,8 +202,10 @@ def test_predictor_bounded_against_direct_onnxruntime_measurement() -> None:
     after evicting all caches with a 64 MiB write, as before, were 3.4x off here.)"""
     specs = [dataclasses.replace(s, input_size=64).validate() for s in _tiny_specs(9, seed=3)]
     train, test = specs[:6], specs[6:]
-    table = LatencyTable.build(train, fit_networks=6, per_type=False, repeats=10, warmup=1)
-    assert (table.backend, table.threads, table.stat) == ("onnxruntime", 1, "min")
+    table = LatencyTable.build(
+        train, fit_networks=6, per_type=False, repeats=10, warmup=1, stat="min"
+    )
+    assert (table.backend, table.threads, table.clock) == ("onnxruntime", 1, "wall")
     table.update(test, repeats=10, warmup=1)
     for spec in test:
         direct = measure(spec, backend="onnxruntime", threads=1, repeats=50, warmup=5, cache=False)

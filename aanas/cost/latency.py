@@ -496,7 +496,7 @@ _ROUND_CHUNK = 64
 Job = Callable[[], tuple[nn.Module, torch.Tensor]]
 
 
-def robust_ms(times_ms: Sequence[float] | np.ndarray, stat: str = "min") -> float:
+def robust_ms(times_ms: Sequence[float] | np.ndarray, stat: str = "trimmed") -> float:
     """One latency figure from many short runs, robust to a machine's slow phases.
 
     ``"min"``: the fastest run (interference only ever adds time, so the minimum is the run
@@ -765,6 +765,12 @@ class LatencyTable:
     underestimated whole MnasNets at 64x64 by ~35 %, eager PyTorch); after a 64 MiB write that
     evicts everything it looks far slower (3.4x for tiny 32x32 networks under onnxruntime).
 
+    Defaults, from ``benchmarks/latency_predictor.py`` on a 2-core EPYC shared with training
+    jobs (load 10-12; 96x96, 24 + 12 networks, 10 rounds): with ``clock="thread"`` the noise
+    floor fell from 15-38 % (wall clock) to 6-7 %; there the trimmed mean beat the minimum
+    (MAPE 6.3 vs 10.5 %, per-kind fit), so entries are trimmed means. The wall clock stays the
+    default (latency is wall time; ``"thread"`` needs one thread).
+
     The table records the :func:`machine_fingerprint` it was measured on; :meth:`load` refuses
     (with a warning) a table from another machine, and a table of another format version with
     a one-line :class:`~aanas.errors.AanasError` (or a warning, see its ``stale`` argument).
@@ -782,7 +788,7 @@ class LatencyTable:
         batch: int = 1,
         device: str = "cpu",
         flush_cache: bool = True,
-        stat: str = "min",
+        stat: str = "trimmed",
         clock: str = "wall",
         fingerprint: dict[str, str] | None = None,
     ) -> None:
@@ -1005,7 +1011,7 @@ class LatencyTable:
         batch: int = 1,
         device: str = "cpu",
         flush_cache: bool = True,
-        stat: str = "min",
+        stat: str = "trimmed",
         clock: str = "wall",
         input_size: int | None = None,
         repeats: int = _DEFAULT_ROUNDS,
