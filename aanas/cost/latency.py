@@ -496,7 +496,7 @@ _ROUND_CHUNK = 64
 Job = Callable[[], tuple[nn.Module, torch.Tensor]]
 
 
-def robust_ms(times_ms: Sequence[float] | np.ndarray, stat: str = "trimmed") -> float:
+def robust_ms(times_ms: Sequence[float] | np.ndarray, stat: str = "min") -> float:
     """One latency figure from many short runs, robust to a machine's slow phases.
 
     ``"min"``: the fastest run (interference only ever adds time, so the minimum is the run
@@ -766,10 +766,12 @@ class LatencyTable:
     evicts everything it looks far slower (3.4x for tiny 32x32 networks under onnxruntime).
 
     Defaults, from ``benchmarks/latency_predictor.py`` on a 2-core EPYC shared with training
-    jobs (load 10-12; 96x96, 24 + 12 networks, 10 rounds): with ``clock="thread"`` the noise
-    floor fell from 15-38 % (wall clock) to 6-7 %; there the trimmed mean beat the minimum
-    (MAPE 6.3 vs 10.5 %, per-kind fit), so entries are trimmed means. The wall clock stays the
-    default (latency is wall time; ``"thread"`` needs one thread).
+    jobs (load 8-12, onnxruntime, 24 + 12 networks): with ``clock="thread"`` the noise floor
+    fell from 15-38 % (wall clock) to 2-7 %. At 224x224 (8 rounds) the minimum had the lowest
+    floor (2.1 % vs 6.1 % for the trimmed mean) and error (MAPE 3.3 %, constant fit); at
+    96x96 (10 rounds) the trimmed mean did (6.3 vs 10.5 %). Entries are minima by default, at
+    the resolution searches use. The wall clock stays the default (latency is wall time;
+    ``"thread"`` needs one thread).
 
     The table records the :func:`machine_fingerprint` it was measured on; :meth:`load` refuses
     (with a warning) a table from another machine, and a table of another format version with
@@ -788,7 +790,7 @@ class LatencyTable:
         batch: int = 1,
         device: str = "cpu",
         flush_cache: bool = True,
-        stat: str = "trimmed",
+        stat: str = "min",
         clock: str = "wall",
         fingerprint: dict[str, str] | None = None,
     ) -> None:
@@ -1011,7 +1013,7 @@ class LatencyTable:
         batch: int = 1,
         device: str = "cpu",
         flush_cache: bool = True,
-        stat: str = "trimmed",
+        stat: str = "min",
         clock: str = "wall",
         input_size: int | None = None,
         repeats: int = _DEFAULT_ROUNDS,
