@@ -194,6 +194,7 @@ def test_fit_falls_back_to_a_constant_with_too_few_networks(
 # --- accuracy against a direct measurement ------------------------------------------------------
 
 
+@pytest.mark.slow  # ONNX export of ~40 parts and 9 nets: ~17 s on the shared 2-core box
 def test_predictor_bounded_against_direct_onnxruntime_measurement() -> None:
     """Table built on onnxruntime (1 thread) from isolated parts of 6 tiny nets at 64x64, its
     overhead fitted on them; 3 held-out nets measured directly (:func:`measure`: its own export
