@@ -23,8 +23,8 @@ Procedure (one run, onnxruntime with 1 intra-op thread by default):
 
 Usage::
 
-    # the full run (224 px, 30 train + 50 held-out, 30 rounds): roughly 12-15 min on a quiet
-    # 2-core EPYC, most of it ONNX export (~450 parts, 130 networks) and the 30 rounds
+    # the full run (224 px, 30 train + 50 held-out, 30 rounds, thread clock): 265 s on a
+    # 2-core EPYC at load 4-6, most of it ONNX export (~390 parts, 130 networks)
     python benchmarks/latency_predictor.py
     # a short smoke run
     python benchmarks/latency_predictor.py --input-size 96 --train 12 --test 10 --rounds 8
@@ -75,9 +75,7 @@ def main() -> None:
     parser.add_argument(
         "--clock", default="thread", choices=CLOCKS, help="thread: CPU time (1 thread only)"
     )
-    parser.add_argument(
-        "--stat", default="trimmed", choices=STATS, help="statistic of --rows/--lut"
-    )
+    parser.add_argument("--stat", default="min", choices=STATS, help="statistic of --rows/--lut")
     parser.add_argument("--rows", action="store_true", help="print every test network")
     parser.add_argument("--lut", help="also save the (per-kind, --stat) table here")
     args = parser.parse_args()

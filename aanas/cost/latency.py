@@ -765,13 +765,12 @@ class LatencyTable:
     underestimated whole MnasNets at 64x64 by ~35 %, eager PyTorch); after a 64 MiB write that
     evicts everything it looks far slower (3.4x for tiny 32x32 networks under onnxruntime).
 
-    Defaults, from ``benchmarks/latency_predictor.py`` on a 2-core EPYC shared with training
-    jobs (load 8-12, onnxruntime, 24 + 12 networks): with ``clock="thread"`` the noise floor
-    fell from 15-38 % (wall clock) to 2-7 %. At 224x224 (8 rounds) the minimum had the lowest
-    floor (2.1 % vs 6.1 % for the trimmed mean) and error (MAPE 3.3 %, constant fit); at
-    96x96 (10 rounds) the trimmed mean did (6.3 vs 10.5 %). Entries are minima by default, at
-    the resolution searches use. The wall clock stays the default (latency is wall time;
-    ``"thread"`` needs one thread).
+    Defaults, from ``benchmarks/latency_predictor.py`` on a 2-core EPYC shared with other
+    jobs (onnxruntime, one thread): with ``clock="thread"`` the noise floor fell from 15-38 %
+    (wall clock, load 8-15) to 2-7 %. In the full run (224x224, 30 + 50 networks, 30 rounds,
+    load 4-6) minima gave MAPE 2.5 % at a noise floor of 3.1 %, trimmed means 8.3 % at 9.1 %
+    and medians 10.1 % at 11.1 %, so entries are minima by default. The wall clock stays the
+    default (latency is wall time; ``"thread"`` needs one thread).
 
     The table records the :func:`machine_fingerprint` it was measured on; :meth:`load` refuses
     (with a warning) a table from another machine, and a table of another format version with
