@@ -214,7 +214,7 @@ def _add_profile(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--out", default="lut.yaml", help="table written by --build-lut")
     p.add_argument("--samples", type=int, default=200, help="--build-lut: space samples")
     p.add_argument("--seed", type=int, default=0, help="--build-lut: sampling seed")
-    p.add_argument("--fit-networks", type=int, default=5, help="--build-lut: overhead fit nets")
+    p.add_argument("--fit-networks", type=int, default=20, help="--build-lut: overhead fit nets")
     p.set_defaults(run=_run_profile)
 
 
@@ -228,7 +228,7 @@ def _run_profile(args: argparse.Namespace) -> int:
         check_writable_file(args.out, "--out")  # before minutes of measuring, not after
         table = None
         if os.path.exists(args.out):
-            table = LatencyTable.load(args.out)
+            table = LatencyTable.load(args.out, stale="ignore")  # another version: rebuild
         before = len(table) if table is not None else 0
         table = LatencyTable.build(
             args.build_lut,

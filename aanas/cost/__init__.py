@@ -17,21 +17,29 @@ from aanas.cost.flops import (
     reference_macs,
 )
 from aanas.cost.latency import (
+    CLOCKS,
+    STATS,
     LatencyResult,
     LatencyTable,
+    block_kind,
     block_signature,
     cache_dir,
     machine_fingerprint,
     measure,
     measure_onnx,
+    robust_ms,
+    time_interleaved,
 )
 
 __all__ = [
+    "CLOCKS",
+    "STATS",
     "Cost",
     "LatencyResult",
     "LatencyTable",
     "aa_conv_cost",
     "block_cost",
+    "block_kind",
     "block_signature",
     "cache_dir",
     "count",
@@ -41,4 +49,6 @@ __all__ = [
     "measure",
     "measure_onnx",
     "reference_macs",
+    "robust_ms",
+    "time_interleaved",
 ]
