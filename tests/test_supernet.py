@@ -181,6 +181,7 @@ def test_train_recalibrate_save_load(tiny: SearchSpace, tmp_path: Path) -> None:
             epochs=2,
             lr=0.05,
             rule=rule,
+            distill=rule == "sandwich",
             seed=0,
             max_batches=1,
             on_epoch=lambda e, m, seen=seen: seen.append(e),
