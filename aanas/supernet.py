@@ -762,10 +762,15 @@ def train_supernet(
     }
 
 
-def _bn_rows(module: nn.modules.batchnorm._BatchNorm, args: tuple[Any, ...]) -> Tensor:
-    """Boolean mask of the rows one call of ``module`` normalises."""
+def _bn_rows(
+    module: nn.modules.batchnorm._BatchNorm, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Tensor:
+    """Boolean mask of the rows one call of ``module`` normalises (``ElasticBatchNorm2d``:
+    ``(x, index)``; a plain BN: the first ``C``)."""
     rows = torch.zeros(module.num_features, dtype=torch.bool)
-    index = args[1] if len(args) > 1 and args[1] is not None else slice(0, args[0].shape[1])
+    index = args[1] if len(args) > 1 else kwargs.get("index")
+    if index is None:
+        index = slice(0, args[0].shape[1])
     rows[index.cpu() if isinstance(index, Tensor) else index] = True
     return rows
 
@@ -802,12 +807,12 @@ def recalibrate_bn(
     hooks = []
     if spec is not None:
 
-        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+        def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             assert isinstance(module, nn.modules.batchnorm._BatchNorm)
-            rows = _bn_rows(module, args)
+            rows = _bn_rows(module, args, kwargs)
             used[id(module)] = used[id(module)] | rows if id(module) in used else rows
 
-        hooks = [m.register_forward_pre_hook(record) for m in norms]
+        hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None

@@ -196,7 +196,8 @@ def stratified_by_macs(
         if len(members):
             chosen.append(int(rng.choice(members)))
     rest = [i for i in range(len(specs)) if i not in set(chosen)]
-    extra = rng.choice(len(rest), size=n - len(chosen), replace=False) if len(chosen) < n else []
-    chosen += [rest[int(j)] for j in extra]
+    if len(chosen) < n:
+        extra = rng.choice(len(rest), size=n - len(chosen), replace=False)
+        chosen += [rest[int(j)] for j in extra]
     chosen.sort(key=lambda i: (log_macs[i], specs[i].encode()))
     return [specs[i] for i in chosen]
