@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
+import sys
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from scipy import stats
 
+from aanas.config import TrainRecipe
 from aanas.cost import count_spec
 from aanas.search.ranking import (
     bootstrap_interval,
@@ -128,3 +134,48 @@ def test_stratified_by_macs_spans_the_range() -> None:
     assert stratified_by_macs(space, n, np.random.default_rng(0)) == specs  # seeded
     with pytest.raises(ValueError, match="fewer than"):
         stratified_by_macs(space, space.size() + 1, np.random.default_rng(0))
+
+
+def _load_benchmark() -> Any:
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "supernet_ranking.py"
+    spec = importlib.util.spec_from_file_location("supernet_ranking_bench", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_cache_trains_only_what_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bench = _load_benchmark()
+    trained: list[str] = []
+
+    def fake_fit(model: Any, data: Any, recipe: TrainRecipe, **kw: Any) -> dict[str, float]:
+        trained.append(model.spec.encode())  # training itself is not what this test checks
+        assert kw["evaluate_test"]
+        return {"test_top1": 0.5 + 0.01 * len(trained), "val_top1": 0.4}
+
+    monkeypatch.setattr(bench, "fit", fake_fit)
+    space = SearchSpace.from_yaml("tiny")
+    specs = stratified_by_macs(space, 3, np.random.default_rng(0))
+    recipe = TrainRecipe(epochs=1)
+    path = tmp_path / "c" / "standalone.json"
+    first = bench.standalone_results(specs, None, recipe, bench.StandaloneCache(path), "cpu")
+    assert len(trained) == 3 and [r["spec"] for r in first] == [s.encode() for s in specs]
+    assert [p.name for p in path.parent.iterdir()] == ["standalone.json"]  # no temp files
+    # a rerun reads everything back; one new architecture and a changed recipe train again
+    extra = next(
+        s for s in (space.sample(np.random.default_rng(i)) for i in range(50)) if s not in specs
+    )
+    again = bench.standalone_results(
+        [*specs, extra], None, recipe, bench.StandaloneCache(path), "cpu"
+    )
+    assert len(trained) == 4 and trained[-1] == extra.encode()
+    assert [r["test_top1"] for r in again[:3]] == [r["test_top1"] for r in first]
+    bench.standalone_results(
+        specs[:1], None, TrainRecipe(epochs=2), bench.StandaloneCache(path), "cpu"
+    )
+    assert len(trained) == 5
+    assert len(json.loads(path.read_text())) == 5
