@@ -140,7 +140,12 @@ def standalone_results(
 def trained_supernet(
     space: SearchSpace, data: DataBundle, recipe: SupernetRecipe, path: Path, seed: int, device: str
 ) -> tuple[SuperNet, float]:
-    """Load the supernet at ``path`` or train it and save it there; (supernet, train seconds)."""
+    """Load the supernet at ``path`` or train it and save it there; (supernet, train seconds).
+
+    The initial weights come from ``seed`` too, so every ablation variant starts from the same
+    supernet (otherwise they would depend on what the process ran before).
+    """
+    torch.manual_seed(seed)
     supernet = SuperNet(space)
     if path.is_file():
         supernet.load(path)
@@ -279,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                 "recipe": recipe_to_dict(srecipe),
                 "seed": args.seed,
                 "data": args.data,
+                "init": "seeded",  # supernets saved before the init was seeded are not reused
             }
         )
         path = out / f"supernet-{sdigest}.pt"
