@@ -713,6 +713,9 @@ def train_supernet(
         t0 = time.perf_counter()
         loss_sum, n_seen, n_paths = 0.0, 0, 0
         elastic = rec.elastic_at(0.0)
+        order = getattr(loader, "sampler", None)
+        if hasattr(order, "set_epoch"):  # aanas.data: the shuffle is f(seed, epoch), set it
+            order.set_epoch(epoch)  # type: ignore[union-attr]
         for step, (x, y) in enumerate(loader):
             if max_batches is not None and step >= max_batches:
                 break

@@ -420,3 +420,29 @@ def test_progressive_shrinking_phases(tiny: SearchSpace) -> None:
             assert tiny.decode(fixed) == spec, step
     assert per_step[4][1] == tiny.smallest()
     assert len(set(per_step[4])) == len(per_step[4])  # duplicates are trained once
+
+
+def test_each_epoch_gets_its_own_shuffle(tiny: SearchSpace) -> None:
+    # aanas.data shuffles with a DistributedSampler: the order is f(seed, epoch) and stays the
+    # same every epoch unless set_epoch is called
+    n = 8
+    images = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 32, 32)
+    dataset = torch.utils.data.TensorDataset(images, torch.zeros(n, dtype=torch.long))
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, seed=3)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, sampler=sampler)
+    net = SuperNet(tiny)
+    seen: list[int] = []
+    forward = net.forward
+
+    def spy(x: torch.Tensor, spec: ArchSpec) -> torch.Tensor:
+        if spec == tiny.largest():
+            seen.extend(int(v) for v in x[:, 0, 0, 0])
+        return forward(x, spec)
+
+    net.forward = spy  # type: ignore[method-assign]
+    train_supernet(net, loader, epochs=2, n_random=0, shrink=False)
+    expected = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        expected += list(sampler)
+    assert seen == expected and seen[:n] != seen[n:]
