@@ -39,6 +39,7 @@ __all__ = [
     "SAMPLERS",
     "SCORES",
     "SearchRecipe",
+    "SupernetRecipe",
     "TrainRecipe",
     "load_recipe",
     "load_dataclass",
@@ -583,3 +584,87 @@ class SearchRecipe:
         out = dataclasses.asdict(self)
         out["baselines"] = list(self.baselines)
         return out
+
+
+# --- supernet training ---------------------------------------------------------------------------
+
+# sandwich: largest + smallest + n_random sampled paths per step (Yu et al., BigNAS,
+# arXiv:2003.11142); uniform: one sampled path per step (Guo et al., SPOS, arXiv:1904.00420).
+SUPERNET_RULES: tuple[str, ...] = ("sandwich", "uniform")
+# Elastic dimensions of a space's parameters (aanas.supernet.param_dimension): kernel size,
+# stage depth, width (expansion ratio, SE ratio, width multiplier) and attention (every aa.* key).
+ELASTIC_DIMS: tuple[str, ...] = ("kernel", "depth", "width", "attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class SupernetRecipe:
+    """How :func:`aanas.supernet.train_supernet` trains the shared weights.
+
+    The defaults are the anchors' method (every change has a switch, for ablations): the
+    sandwich rule with in-place distillation (BigNAS, arXiv:2003.11142) and OFA's progressive
+    shrinking (Cai et al., arXiv:1908.09791): the largest network alone first, then elastic
+    kernel, depth and width; attention last, because its on/off choice changes a block's
+    function most (a conv channel replaced by attention), so it is shrunk once the conv paths
+    it shares weights with are trained.
+    """
+
+    epochs: int = 10  # passes over the training loader
+    lr: float = 0.05  # peak SGD (Nesterov 0.9) learning rate, cosine-annealed to 0
+    weight_decay: float = 5e-5
+    max_batches: int = 0  # cap optimiser steps per epoch (0: the whole loader)
+    rule: str = "sandwich"  # one of SUPERNET_RULES
+    n_random: int = 2  # random paths per sandwich step (BigNAS: 2)
+    # the largest path learns from the labels, the others from its detached soft labels (KL)
+    distill: bool = True
+    distill_temperature: float = 1.0  # BigNAS / OFA use T = 1
+    # progressive shrinking: dimension shrink_order[i] becomes elastic once a fraction
+    # shrink_at[i] of all steps is done; dimensions not listed are elastic from the start.
+    # False: every dimension elastic from the first step.
+    shrink: bool = True
+    shrink_order: tuple[str, ...] = ("kernel", "depth", "width", "attention")
+    shrink_at: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
+
+    def __post_init__(self) -> None:
+        _check_choice("rule", self.rule, SUPERNET_RULES)
+        for name, low in (("epochs", 0), ("max_batches", 0), ("n_random", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name in ("lr", "weight_decay", "distill_temperature"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.distill and self.distill_temperature <= 0:
+            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature!r}")
+        if self.distill and self.rule != "sandwich":
+            raise ValueError(
+                f"distill needs rule 'sandwich' (the largest path teaches), got rule {self.rule!r}"
+            )
+        bad = [d for d in self.shrink_order if d not in ELASTIC_DIMS]
+        if bad or len(set(self.shrink_order)) != len(self.shrink_order):
+            raise ValueError(
+                f"shrink_order must list distinct names of {list(ELASTIC_DIMS)}, "
+                f"got {list(self.shrink_order)}"
+            )
+        at = list(self.shrink_at)
+        if (
+            len(at) != len(self.shrink_order)
+            or any(not 0.0 <= f < 1.0 for f in at)
+            or at != sorted(at)
+        ):
+            raise ValueError(
+                f"shrink_at must be {len(self.shrink_order)} non-decreasing fractions in [0, 1) "
+                f"(one per shrink_order entry), got {at}"
+            )
+
+    def elastic_at(self, fraction: float) -> frozenset[str]:
+        """The elastic dimensions once ``fraction`` (0..1) of all steps is done.
+
+        Example: the defaults at 0.1 -> {} (largest only), at 0.5 -> {kernel, depth}.
+        """
+        if not self.shrink:
+            return frozenset(ELASTIC_DIMS)
+        fixed = {
+            d for d, at in zip(self.shrink_order, self.shrink_at, strict=True) if fraction < at
+        }
+        return frozenset(d for d in ELASTIC_DIMS if d not in fixed)

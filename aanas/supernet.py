@@ -27,6 +27,7 @@ every attention mode its record (``aanas.block_types``) allows; the elastic layo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -42,6 +43,7 @@ from torch import Tensor, nn
 
 from aanas._io import atomic_open, load_torch_file
 from aanas.block_types import BLOCK_TYPES, block_type
+from aanas.config import SupernetRecipe
 from aanas.errors import CheckpointError
 from aanas.ops.blocks import act_fn
 from aanas.ops.elastic import (
@@ -55,7 +57,7 @@ from aanas.ops.elastic import (
 from aanas.space import SearchSpace
 from aanas.spec import ArchSpec, ResolvedArch, ResolvedBlock, resolve
 
-__all__ = ["SuperNet", "recalibrate_bn", "train_supernet"]
+__all__ = ["PathSampler", "SuperNet", "param_dimension", "recalibrate_bn", "train_supernet"]
 
 logger = logging.getLogger(__name__)
 
@@ -557,95 +559,198 @@ class SuperNet(nn.Module):
 # --- training -----------------------------------------------------------------------------------
 
 
+def param_dimension(name: str) -> str:
+    """The elastic dimension (``aanas.config.ELASTIC_DIMS``) a space parameter belongs to.
+
+    Examples: ``stage2.block1.kernel`` -> kernel, ``stage3.depth`` -> depth, ``width``,
+    ``stage1.expansion`` and ``stage3.se`` -> width, ``stage4.aa.heads`` and
+    ``stage4.block0.aa`` -> attention.
+
+    Raises:
+        ValueError: a parameter kind this table does not know (a new space key must be added).
+    """
+    parts = name.split(".")
+    if "aa" in parts:
+        return "attention"
+    last = parts[-1]
+    if last in ("kernel", "depth"):
+        return last
+    if last in ("expansion", "se", "width"):
+        return "width"
+    raise ValueError(f"parameter {name!r}: no elastic dimension known for {last!r}")
+
+
+def _extreme(choices: tuple[Any, ...], most: bool) -> Any:
+    try:
+        return max(choices) if most else min(choices)
+    except TypeError:  # strings (placements): the space's own extremes decide where it can
+        return choices[-1] if most else choices[0]
+
+
+class PathSampler:
+    """Paths of a space restricted to some elastic dimensions (OFA progressive shrinking).
+
+    Parameters of a fixed dimension take their value in ``space.largest()``; those of an
+    elastic one are drawn uniformly (``sample``) or take their value in ``space.smallest()``
+    (``smallest``). With every dimension elastic, ``sample`` draws exactly what
+    ``space.sample`` draws from the same generator.
+
+    Args:
+        space: the search space.
+    """
+
+    def __init__(self, space: SearchSpace) -> None:
+        self.space = space
+        self.largest = space.largest()
+        self.smallest_spec = space.smallest()
+        self._most = space.encode_params(self.largest)
+        self._least = space.encode_params(self.smallest_spec)
+        self._dims = {p.name: param_dimension(p.name) for p in space.parameters}
+
+    def _params(self, elastic: frozenset[str], rng: np.random.Generator | None) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for p in self.space.parameters:
+            if not self.space.is_active(p, out):
+                continue
+            if self._dims[p.name] in elastic:
+                if rng is None:
+                    out[p.name] = self._least.get(p.name, _extreme(p.choices, False))
+                else:
+                    out[p.name] = p.choices[int(rng.integers(len(p.choices)))]
+            else:
+                out[p.name] = self._most.get(p.name, _extreme(p.choices, True))
+        return out
+
+    def sample(self, rng: np.random.Generator, elastic: frozenset[str]) -> ArchSpec:
+        """A random path: uniform over the ``elastic`` dimensions, largest elsewhere."""
+        return self.space.decode(self._params(elastic, rng))
+
+    def smallest(self, elastic: frozenset[str]) -> ArchSpec:
+        """The smallest path whose fixed dimensions are at their largest."""
+        if elastic >= {"kernel", "depth", "width", "attention"}:
+            return self.smallest_spec
+        return self.space.decode(self._params(elastic, None))
+
+
 def _loader_of(data: Any) -> Iterable[Any]:
     loader: Iterable[Any] = data.train if hasattr(data, "train") else data
     return loader
 
 
+def _distill_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """KL(teacher || student) on temperature-softened logits, times T^2 (Hinton et al.,
+    arXiv:1503.02531); the teacher's logits are already detached. Its gradient equals that of
+    the soft cross-entropy BigNAS/OFA use (they differ by the teacher's entropy, a constant)."""
+    t = temperature
+    log_p = F.log_softmax(student / t, dim=1)
+    q = F.softmax(teacher / t, dim=1)
+    return F.kl_div(log_p, q, reduction="batchmean") * (t * t)
+
+
 def train_supernet(
     supernet: SuperNet,
     data: Any,
+    recipe: SupernetRecipe | None = None,
     *,
-    epochs: int,
-    lr: float,
-    rule: str = "sandwich",
     seed: int = 0,
     device: str | torch.device = "cpu",
-    max_batches: int | None = None,
-    weight_decay: float = 5e-5,
-    n_random: int = 1,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    **overrides: Any,
 ) -> dict[str, Any]:
-    """Train the shared weights with single-path sampling (SGD, momentum 0.9, cosine LR).
+    """Train the shared weights (SGD, Nesterov momentum 0.9, cosine LR over all steps).
+
+    Per step, with ``recipe.rule == "sandwich"``: the largest path, the smallest and
+    ``n_random`` random paths (duplicates trained once), gradients accumulated (Yu & Huang,
+    arXiv:1903.05134; BigNAS, arXiv:2003.11142). The largest learns from the labels; with
+    ``distill`` the others learn from its detached soft labels (in-place distillation), else
+    from the labels too. With ``shrink``, paths are restricted to the dimensions
+    :meth:`~aanas.config.SupernetRecipe.elastic_at` allows at that point of training (OFA
+    progressive shrinking, arXiv:1908.09791), so the smallest/random paths of the first phase
+    are the largest network itself.
 
     Args:
         supernet: the supernet (moved to ``device``).
         data: a ``DataBundle`` (its ``train`` loader is used) or any iterable of ``(x, y)``.
-        epochs: passes over the loader.
-        lr: peak learning rate (cosine-annealed to 0 over all steps).
-        rule: ``"uniform"``: one uniformly sampled path per step; ``"sandwich"``: the largest,
-            the smallest and ``n_random`` sampled paths per step, gradients accumulated
-            (Yu & Huang, *BigNAS* / slimmable networks, arXiv:1903.05134).
+        recipe: the settings (default: :class:`~aanas.config.SupernetRecipe` defaults).
         seed: seeds the path sampler (``numpy.random.default_rng``) and torch.
         device: training device.
-        max_batches: stop each epoch after this many batches (quick runs).
-        weight_decay: SGD weight decay.
-        n_random: random paths per sandwich step.
         on_epoch: called as ``on_epoch(epoch, metrics)`` after each epoch.
+        **overrides: fields of the recipe to replace (``epochs=2, lr=0.1, max_batches=None``).
 
     Returns:
-        ``{"epochs": [...per-epoch metrics...], "seconds": total}``.
+        ``{"epochs": [...per-epoch metrics...], "seconds": total, "recipe": {...}}``.
 
     Raises:
-        ValueError: unknown ``rule``.
+        ValueError: a bad recipe value (unknown ``rule``, ...), naming the field.
     """
-    if rule not in ("sandwich", "uniform"):
-        raise ValueError(f"rule must be 'sandwich' or 'uniform', got {rule!r}")
+    if overrides.get("max_batches", 0) is None:
+        overrides["max_batches"] = 0
+    rec = dataclasses.replace(recipe or SupernetRecipe(), **overrides)
     dev = torch.device(device)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    space = supernet.space
-    largest, smallest = space.largest(), space.smallest()
+    sampler = PathSampler(supernet.space)
     supernet.to(dev).train()
     loader = _loader_of(data)
+    max_batches = rec.max_batches or None
     try:
         steps_per_epoch = len(loader)  # type: ignore[arg-type]
     except TypeError:
         steps_per_epoch = max_batches or 1
     if max_batches is not None:
         steps_per_epoch = min(steps_per_epoch, max_batches)
-    total_steps = max(1, epochs * steps_per_epoch)
+    total_steps = max(1, rec.epochs * steps_per_epoch)
     opt = torch.optim.SGD(
-        supernet.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True
+        supernet.parameters(), lr=rec.lr, momentum=0.9, weight_decay=rec.weight_decay, nesterov=True
     )
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
     )
-    history: list[dict[str, float]] = []
+    history: list[dict[str, Any]] = []
     start = time.perf_counter()
-    for epoch in range(epochs):
+    global_step = 0
+    for epoch in range(rec.epochs):
         t0 = time.perf_counter()
-        loss_sum, n_seen = 0.0, 0
+        loss_sum, n_seen, n_paths = 0.0, 0, 0
+        elastic = rec.elastic_at(0.0)
+        order = getattr(loader, "sampler", None)
+        if hasattr(order, "set_epoch"):  # aanas.data: the shuffle is f(seed, epoch), set it
+            order.set_epoch(epoch)  # type: ignore[union-attr]
         for step, (x, y) in enumerate(loader):
             if max_batches is not None and step >= max_batches:
                 break
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            if rule == "sandwich":
-                paths = [largest, smallest] + [space.sample(rng) for _ in range(n_random)]
+            elastic = rec.elastic_at(min(global_step / total_steps, 1.0))
+            if rec.rule == "sandwich":
+                paths = [sampler.largest, sampler.smallest(elastic)]
+                paths += [sampler.sample(rng, elastic) for _ in range(rec.n_random)]
+                paths = list(dict.fromkeys(paths))  # the same path twice: train it once
             else:
-                paths = [space.sample(rng)]
+                paths = [sampler.sample(rng, elastic)]
             opt.zero_grad(set_to_none=True)
-            for spec in paths:
-                loss = F.cross_entropy(supernet(x, spec), y)
-                loss.backward()  # type: ignore[no-untyped-call]  # gradients accumulate over the paths of this step
-                if spec is paths[0]:
+            teacher: Tensor | None = None
+            for i, spec in enumerate(paths):
+                logits = supernet(x, spec)
+                if teacher is not None:
+                    loss = _distill_loss(logits, teacher, rec.distill_temperature)
+                else:
+                    loss = F.cross_entropy(logits, y)
+                # gradients accumulate over the paths of this step
+                loss.backward()  # type: ignore[no-untyped-call]
+                if i == 0:
                     loss_sum += float(loss.detach()) * len(y)
                     n_seen += len(y)
+                    if rec.distill and rec.rule == "sandwich":
+                        teacher = logits.detach()
+            n_paths += len(paths)
             opt.step()
             sched.step()
-        metrics = {
+            global_step += 1
+        metrics: dict[str, Any] = {
             "epoch": float(epoch),
-            "train_loss": loss_sum / max(1, n_seen),
+            "train_loss": loss_sum / max(1, n_seen),  # of the first path (sandwich: largest)
+            "paths_per_step": n_paths / max(1, min(steps_per_epoch, global_step)),
+            "elastic": sorted(elastic),
             "seconds": time.perf_counter() - t0,
             "lr": float(opt.param_groups[0]["lr"]),
         }
@@ -653,7 +758,24 @@ def train_supernet(
         logger.info("supernet epoch %d: %s", epoch, metrics)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
-    return {"epochs": history, "seconds": time.perf_counter() - start}
+    return {
+        "epochs": history,
+        "seconds": time.perf_counter() - start,
+        "recipe": dataclasses.asdict(rec),
+    }
+
+
+def _bn_rows(
+    module: nn.modules.batchnorm._BatchNorm, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Tensor:
+    """Boolean mask of the rows one call of ``module`` normalises (``ElasticBatchNorm2d``:
+    ``(x, index)``; a plain BN: the first ``C``)."""
+    rows = torch.zeros(module.num_features, dtype=torch.bool)
+    index = args[1] if len(args) > 1 else kwargs.get("index")
+    if index is None:
+        index = slice(0, args[0].shape[1])
+    rows[index.cpu() if isinstance(index, Tensor) else index] = True
+    return rows
 
 
 @torch.no_grad()
@@ -667,10 +789,12 @@ def recalibrate_bn(
 ) -> nn.Module:
     """Re-estimate BatchNorm statistics of an (extracted) subnet on training data.
 
-    Resets every BN's running statistics, switches to a cumulative average (``momentum=None``),
+    Resets the BN running statistics, switches to a cumulative average (``momentum=None``),
     forwards ``batches`` batches in train mode without gradients, then restores momenta and
-    puts the model in eval mode. With ``spec`` the model is a :class:`SuperNet` and that path
-    is recalibrated (only its BN slices change).
+    puts the model in eval mode. With ``spec`` the model is a :class:`SuperNet` and only that
+    path is recalibrated: the rows of the BN banks the path normalises are re-estimated;
+    every other row, and every BN of a block the path skips, keeps its statistics (and its
+    ``num_batches_tracked``), so one supernet can be recalibrated path after path.
 
     Returns:
         ``model`` (modified in place), in eval mode.
@@ -679,18 +803,45 @@ def recalibrate_bn(
     model.to(dev)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
+    saved = [
+        {k: v.clone() for k, v in m.named_buffers(recurse=False) if v is not None} for m in norms
+    ]
+    used: dict[int, Tensor] = {}
+    hooks = []
+    if spec is not None:
+
+        def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            assert isinstance(module, nn.modules.batchnorm._BatchNorm)
+            rows = _bn_rows(module, args, kwargs)
+            used[id(module)] = used[id(module)] | rows if id(module) in used else rows
+
+        hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
     model.train()
-    for i, (x, _) in enumerate(loader):
-        if i >= batches:
-            break
-        x = x.to(dev, non_blocking=True)
-        if spec is not None:
-            model(x, spec)
-        else:
-            model(x)
-    for m, mom in zip(norms, momenta, strict=True):
-        m.momentum = mom
+    try:
+        for i, (x, _) in enumerate(loader):
+            if i >= batches:
+                break
+            x = x.to(dev, non_blocking=True)
+            if spec is not None:
+                model(x, spec)
+            else:
+                model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mom, old in zip(norms, momenta, saved, strict=True):
+            m.momentum = mom
+            if spec is None:
+                continue
+            rows = used.get(id(m))
+            if rows is None:  # a BN the path skips: untouched
+                for k, v in old.items():
+                    getattr(m, k).copy_(v)
+                continue
+            keep = (~rows).to(old["running_mean"].device)
+            for k in ("running_mean", "running_var"):
+                getattr(m, k)[keep] = old[k][keep]
     return model.eval()

@@ -1,197 +1,349 @@
-"""Supernet ranking quality: Kendall tau of inherited vs standalone accuracy.
+"""Supernet ranking quality: does weight sharing order architectures as training them does?
 
-Trains the weight-sharing supernet of a search space (default ``tiny``), samples N
-architectures, evaluates each with inherited weights after BN recalibration, trains each from
-scratch with the same short recipe, and reports Kendall's tau between the two accuracy lists
-with the time of every step.
+For >= 20 architectures stratified by MACs over the space's cost range
+(:func:`aanas.search.ranking.stratified_by_macs`):
 
-    python benchmarks/supernet_ranking.py --data imagefolder:../shared/data/cifar10 --quick
-    AANAS_CIFAR10=/path/to/cifar10 python benchmarks/supernet_ranking.py
+1. ground truth: each trained from scratch with a CPU ``TrainRecipe`` (``--recipe``, plus
+   ``--set key=value``), top-1 on the test split (the CIFAR-10 subset's 2000 images). Results
+   are cached in an atomic JSON file keyed by spec digest + recipe digest, so a rerun (or a
+   run resumed after a kill) trains only what is missing or changed;
+2. the supernet (:func:`aanas.supernet.train_supernet`, ``SupernetRecipe`` from
+   ``--supernet-set key=value``) and each architecture's inherited weights, BN-recalibrated on
+   training batches and evaluated on the same test split;
+3. Kendall tau and Spearman rho with paired-bootstrap 95 % intervals, and whether the
+   supernet's top 5 holds the truly best architecture (:func:`aanas.search.ranking.ranking_report`).
 
-``--data`` defaults to ``imagefolder:$AANAS_CIFAR10`` when that variable is set, else the
-embedded offline ``digits`` set.
+``--ablation`` trains one supernet per training variant at the same epochs (uniform single path;
+sandwich; + in-place distillation; + progressive shrinking = the default recipe) and prints tau
+for each. Trained supernets are kept next to the cache and reused.
+
+    python benchmarks/supernet_ranking.py --tiny                       # minutes: smoke run
+    python benchmarks/supernet_ranking.py --recipe cifar10_cpu --ablation   # the real run
+
+``--data`` defaults to ``imagefolder:$AANAS_CIFAR10``. Timings are wall-clock on whatever else
+the machine is doing; compare them only within one run. On a loaded machine pass ``--threads 1``:
+with a load average of ~12 on 2 cores, a batch of 64 through the tiny space's largest net took
+3.6 s with torch's 2 threads and 0.8 s with 1 (one noisy measurement, December 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
-import math
 import os
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from aanas.data import build_data
+from aanas._io import atomic_open
+from aanas.config import SupernetRecipe, TrainRecipe, apply_overrides, load_recipe, recipe_to_dict
+from aanas.cost import count_spec
+from aanas.data import DataBundle, build_data
+from aanas.models import create_model
+from aanas.search.ranking import RankingReport, ranking_report, stratified_by_macs
 from aanas.space import SearchSpace
+from aanas.spec import ArchSpec
 from aanas.supernet import SuperNet, recalibrate_bn, train_supernet
-from aanas.train import evaluate
+from aanas.train import evaluate, fit, seed_everything
+
+# Ablation variants, in the order each adds one change (field overrides of the supernet recipe).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "uniform": {"rule": "uniform", "distill": False, "shrink": False},
+    "sandwich": {"rule": "sandwich", "distill": False, "shrink": False},
+    "+distill": {"rule": "sandwich", "distill": True, "shrink": False},
+    "+shrink": {"rule": "sandwich", "distill": True, "shrink": True},
+}
+
+# --tiny: a minutes-long smoke run on the tiny space (every step runs, tiny budgets).
+_TINY = {
+    "space": "tiny",
+    "archs": 6,
+    "recipe_set": ["epochs=1", "max_train_batches=8", "batch_size=64", "workers=0"],
+    "supernet_set": ["epochs=2", "max_batches=8"],
+    "recal_batches": 2,
+    "bootstrap": 200,
+    "k": 2,
+}
 
 
-def kendall_tau(a: list[float], b: list[float]) -> float:
-    """Kendall's tau-b (ties handled as scipy does); uses scipy when installed."""
-    try:
-        from scipy.stats import kendalltau
-
-        return float(kendalltau(a, b).statistic)
-    except ImportError:
-        n = len(a)
-        conc = disc = ties_a = ties_b = 0
-        for i in range(n):
-            for j in range(i + 1, n):
-                da, db = np.sign(a[i] - a[j]), np.sign(b[i] - b[j])
-                if da == 0 and db == 0:
-                    continue
-                if da == 0:
-                    ties_a += 1
-                elif db == 0:
-                    ties_b += 1
-                elif da == db:
-                    conc += 1
-                else:
-                    disc += 1
-        denom = math.sqrt((conc + disc + ties_a) * (conc + disc + ties_b))
-        return (conc - disc) / denom if denom else float("nan")
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def train_standalone(
-    model: nn.Module, loader: Any, *, epochs: int, lr: float, seed: int, max_batches: int | None
-) -> None:
-    """The supernet's recipe on one fixed architecture: SGD (Nesterov 0.9) + cosine."""
+class StandaloneCache:
+    """``{key: result}`` JSON file, rewritten atomically after every new result."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries: dict[str, dict[str, Any]] = {}
+        if path.is_file():
+            self.entries = json.loads(path.read_text(encoding="utf-8"))
+
+    @staticmethod
+    def key(spec: ArchSpec, recipe_digest: str) -> str:
+        return f"{spec.digest()}-{recipe_digest}"
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.entries.get(key)
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        self.entries[key] = value
+        with atomic_open(self.path, "w", encoding="utf-8") as fh:
+            json.dump(self.entries, fh, indent=1, sort_keys=True)
+
+
+def standalone_results(
+    specs: list[ArchSpec],
+    data: DataBundle,
+    recipe: TrainRecipe,
+    cache: StandaloneCache,
+    device: str,
+) -> list[dict[str, Any]]:
+    """Test top-1 of every spec trained from scratch (cached; only missing ones train)."""
+    recipe_digest = _digest(recipe_to_dict(recipe))
+    out = []
+    for i, spec in enumerate(specs):
+        key = cache.key(spec, recipe_digest)
+        hit = cache.get(key)
+        if hit is None:
+            t0 = time.perf_counter()
+            seed_everything(recipe.seed)
+            model = create_model(spec)
+            metrics = fit(model, data, recipe, device=device, progress=False, evaluate_test=True)
+            hit = {
+                "spec": spec.encode(),
+                "recipe_digest": recipe_digest,
+                "test_top1": float(metrics["test_top1"]),
+                "val_top1": float(metrics.get("val_top1", float("nan"))),
+                "macs": count_spec(spec).macs,
+                "seconds": time.perf_counter() - t0,
+            }
+            cache.put(key, hit)
+            state = "trained"
+        else:
+            state = "cached"
+        print(
+            f"standalone {i + 1}/{len(specs)} ({state}): test {hit['test_top1']:.4f} "
+            f"{hit['macs'] / 1e6:.2f} MMACs {hit['seconds']:.0f} s  {spec.encode()}",
+            flush=True,
+        )
+        out.append(hit)
+    return out
+
+
+def trained_supernet(
+    space: SearchSpace, data: DataBundle, recipe: SupernetRecipe, path: Path, seed: int, device: str
+) -> tuple[SuperNet, float]:
+    """Load the supernet at ``path`` or train it and save it there; (supernet, train seconds).
+
+    The initial weights come from ``seed`` too, so every ablation variant starts from the same
+    supernet (otherwise they would depend on what the process ran before).
+    """
     torch.manual_seed(seed)
-    steps = epochs * min(len(loader), max_batches or len(loader))
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-5, nesterov=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(1, steps)))
+    supernet = SuperNet(space)
+    if path.is_file():
+        supernet.load(path)
+        meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+        return supernet.to(device), float(meta["seconds"])
+    log = train_supernet(
+        supernet,
+        data,
+        recipe,
+        seed=seed,
+        device=device,
+        on_epoch=lambda e, m: print(
+            f"  epoch {e}: loss {m['train_loss']:.3f} paths/step {m['paths_per_step']:.2f} "
+            f"elastic {','.join(m['elastic']) or '-'} {m['seconds']:.0f} s",
+            flush=True,
+        ),
     )
-    model.train()
-    for _ in range(epochs):
-        for step, (x, y) in enumerate(loader):
-            if max_batches is not None and step >= max_batches:
-                break
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-            sched.step()
+    supernet.save(path)
+    with atomic_open(path.with_suffix(".json"), "w", encoding="utf-8") as fh:
+        json.dump({"seconds": log["seconds"], "recipe": log["recipe"]}, fh, indent=1)
+    return supernet, float(log["seconds"])
 
 
-def main() -> None:
-    """Run the benchmark and print one JSON summary."""
+def inherited_accuracies(
+    supernet: SuperNet,
+    specs: list[ArchSpec],
+    data: DataBundle,
+    *,
+    recal_batches: int,
+    seed: int,
+    device: str,
+) -> list[float]:
+    """Test top-1 of each spec's inherited weights after BN recalibration (fixed seed, as the
+    supernet evaluator: the recalibration batches depend on nothing but the spec)."""
+    out = []
+    for spec in specs:
+        model = supernet.extract(spec).to(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            recalibrate_bn(model, data.train, batches=recal_batches, device=device)
+        out.append(float(evaluate(model, data.test, device)["top1"]))
+    return out
+
+
+def _fmt(r: RankingReport) -> str:
+    t_lo, t_hi = r.kendall_tau_ci
+    s_lo, s_hi = r.spearman_rho_ci
+    return (
+        f"tau {r.kendall_tau:+.3f} [{t_lo:+.3f}, {t_hi:+.3f}]  "
+        f"rho {r.spearman_rho:+.3f} [{s_lo:+.3f}, {s_hi:+.3f}]  "
+        f"top{r.top_k} has best: {'yes' if r.top_k_contains_best else 'no'}"
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     env = os.environ.get("AANAS_CIFAR10")
-    parser.add_argument("--data", default=f"imagefolder:{env}" if env else "digits")
-    parser.add_argument("--space", default="tiny")
-    parser.add_argument("--archs", type=int, default=12)
-    parser.add_argument("--supernet-epochs", type=int, default=30)
-    parser.add_argument("--standalone-epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--rule", default="sandwich", choices=("sandwich", "uniform"))
-    parser.add_argument("--max-batches", type=int, default=None)
+    parser.add_argument("--data", default=f"imagefolder:{env}" if env else None)
+    parser.add_argument("--space", default="cifar_aa_mnasnet", help="space name or YAML path")
+    parser.add_argument(
+        "--recipe", default="cifar10_subset_mnasnet_a1", help="TrainRecipe of the ground truth"
+    )
+    parser.add_argument("--set", dest="recipe_set", action="append", default=[], metavar="K=V")
+    parser.add_argument(
+        "--supernet-set", action="append", default=[], metavar="K=V", help="SupernetRecipe field"
+    )
+    parser.add_argument("--archs", type=int, default=20)
+    parser.add_argument("--k", type=int, default=5, help="top-k check")
     parser.add_argument("--recal-batches", type=int, default=20)
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--supernet", help="load this trained supernet, or save it here")
-    parser.add_argument("--quick", action="store_true", help="tiny budget: a smoke run")
-    args = parser.parse_args()
-    if args.quick:
-        args.supernet_epochs, args.standalone_epochs = 4, 2
-        args.max_batches = args.max_batches or 40
+    parser.add_argument("--ablation", action="store_true", help="one supernet per variant")
+    parser.add_argument("--out", default="runs/supernet_ranking", help="cache/results folder")
+    parser.add_argument("--tiny", action="store_true", help="minutes-long smoke run")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        if args.space == parser.get_default("space"):
+            args.space = _TINY["space"]
+        if args.archs == parser.get_default("archs"):
+            args.archs = _TINY["archs"]
+        args.recipe_set = [*_TINY["recipe_set"], *args.recipe_set]
+        args.supernet_set = [*_TINY["supernet_set"], *args.supernet_set]
+        args.recal_batches = min(args.recal_batches, int(_TINY["recal_batches"]))
+        args.bootstrap = min(args.bootstrap, int(_TINY["bootstrap"]))
+        args.k = min(args.k, int(_TINY["k"]))
+        if args.out == parser.get_default("out"):
+            args.out = "runs/supernet_ranking_tiny"
+    if args.data is None:
+        parser.error("--data is required (or set AANAS_CIFAR10)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; print the tables and write ``<out>/summary.json``."""
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    times: dict[str, float] = {}
-    t0 = time.perf_counter()
+    out = Path(args.out)
     space = SearchSpace.from_yaml(args.space)
+    recipe = load_recipe(args.recipe, args.recipe_set)
+    recipe = dataclasses.replace(recipe, data=args.data, input_size=space.base.input_size)
+    base = apply_overrides(SupernetRecipe(), args.supernet_set)
+    t0 = time.perf_counter()
     data = build_data(
         args.data,
         input_size=space.base.input_size,
-        batch_size=args.batch_size,
-        val_fraction=0.1,
-        seed=args.seed,
+        batch_size=recipe.batch_size,
+        val_fraction=recipe.val_fraction,
+        seed=recipe.seed,
+        workers=recipe.workers,
+        augment=recipe.augment,
     )
-    assert data.val is not None
     if data.num_classes != space.base.num_classes:
         raise SystemExit(f"data has {data.num_classes} classes, space {space.base.num_classes}")
-    times["data"] = time.perf_counter() - t0
+    specs = stratified_by_macs(space, args.archs, np.random.default_rng(args.seed))
+    print(
+        f"{len(specs)} architectures of {space.name}, "
+        f"{count_spec(specs[0]).macs / 1e6:.2f}-{count_spec(specs[-1]).macs / 1e6:.2f} MMACs; "
+        f"ground truth: {args.recipe} {' '.join(args.recipe_set)}",
+        flush=True,
+    )
+    cache = StandaloneCache(out / "standalone.json")
+    truth_rows = standalone_results(specs, data, recipe, cache, args.device)
+    truth = [r["test_top1"] for r in truth_rows]
+    t_standalone = sum(r["seconds"] for r in truth_rows)
 
-    t0 = time.perf_counter()
-    supernet = SuperNet(space)
-    if args.supernet and os.path.isfile(args.supernet):
-        supernet.load(args.supernet)
-        log: dict[str, Any] = {"epochs": [{"train_loss": float("nan")}], "loaded": True}
-    else:
-        log = train_supernet(
+    variants = VARIANTS if args.ablation else {"recipe": {}}
+    results: dict[str, Any] = {}
+    for name, changes in variants.items():
+        srecipe = dataclasses.replace(base, **changes)
+        sdigest = _digest(
+            {
+                "space": space.name,
+                "recipe": recipe_to_dict(srecipe),
+                "seed": args.seed,
+                "data": args.data,
+                "init": "seeded",  # supernets saved before the init was seeded are not reused
+            }
+        )
+        path = out / f"supernet-{sdigest}.pt"
+        print(f"supernet {name}: {json.dumps(recipe_to_dict(srecipe))}", flush=True)
+        supernet, seconds = trained_supernet(space, data, srecipe, path, args.seed, args.device)
+        t1 = time.perf_counter()
+        inherited = inherited_accuracies(
             supernet,
+            specs,
             data,
-            epochs=args.supernet_epochs,
-            lr=args.lr,
-            rule=args.rule,
+            recal_batches=args.recal_batches,
             seed=args.seed,
-            max_batches=args.max_batches,
-            on_epoch=lambda e, m: print(f"supernet epoch {e}: {m}", flush=True),
+            device=args.device,
         )
-        if args.supernet:
-            supernet.save(args.supernet)
-    times["supernet_train"] = time.perf_counter() - t0
+        report = ranking_report(
+            inherited, truth, k=args.k, n_resamples=args.bootstrap, seed=args.seed
+        )
+        results[name] = {
+            "report": report.to_dict(),
+            "inherited": inherited,
+            "supernet_seconds": seconds,
+            "eval_seconds": time.perf_counter() - t1,
+            "supernet_recipe": recipe_to_dict(srecipe),
+        }
+        print(f"  {name}: {_fmt(report)}", flush=True)
 
-    rng = np.random.default_rng(args.seed + 1)
-    specs: list[Any] = []
-    while len(specs) < args.archs:  # distinct architectures
-        spec = space.sample(rng)
-        if spec not in specs:
-            specs.append(spec)
-    inherited, standalone = [], []
-    t_inh = t_std = 0.0
-    for i, spec in enumerate(specs):
-        t0 = time.perf_counter()
-        sub = recalibrate_bn(supernet.extract(spec), data.train, batches=args.recal_batches)
-        inherited.append(evaluate(sub, data.val, "cpu")["top1"])
-        t_inh += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        torch.manual_seed(args.seed)
-        from aanas.models import create_model
-
-        model = create_model(spec)
-        train_standalone(
-            model,
-            data.train,
-            epochs=args.standalone_epochs,
-            lr=args.lr,
-            seed=args.seed,
-            max_batches=args.max_batches,
+    print("\narch  MMACs  standalone  " + "  ".join(f"{n:>9}" for n in results))
+    for i in range(len(specs)):
+        row = "  ".join(f"{results[n]['inherited'][i]:9.4f}" for n in results)
+        print(f"{i:4d} {truth_rows[i]['macs'] / 1e6:6.2f}  {truth[i]:10.4f}  {row}")
+    print(
+        f"\nranking on {len(specs)} archs, test split ({len(data.test.dataset)} images), "  # type: ignore[arg-type]
+        f"{args.bootstrap} bootstrap resamples, 95 % intervals:"
+    )
+    for name, res in results.items():
+        rep = RankingReport(
+            **{
+                **res["report"],
+                "kendall_tau_ci": tuple(res["report"]["kendall_tau_ci"]),
+                "spearman_rho_ci": tuple(res["report"]["spearman_rho_ci"]),
+            }
         )
-        # Same BN treatment as the inherited subnets: MnasNet's TF-style BN momentum (3e-4)
-        # leaves running statistics near their initial values after a short run.
-        recalibrate_bn(model, data.train, batches=args.recal_batches)
-        standalone.append(evaluate(model, data.val, "cpu")["top1"])
-        t_std += time.perf_counter() - t0
-        print(
-            f"arch {i}: inherited {inherited[-1]:.4f} standalone {standalone[-1]:.4f} "
-            f"{spec.encode()}",
-            flush=True,
-        )
-    times["inherited_eval"] = t_inh
-    times["standalone_train"] = t_std
+        print(f"  {name:>9}: {_fmt(rep)}  supernet {res['supernet_seconds']:.0f} s")
     summary = {
         "space": space.name,
         "data": args.data,
-        "rule": args.rule,
-        "archs": len(specs),
-        "supernet_epochs": args.supernet_epochs,
-        "standalone_epochs": args.standalone_epochs,
-        "max_batches": args.max_batches,
-        "final_supernet_loss": log["epochs"][-1]["train_loss"],
-        "kendall_tau": kendall_tau(inherited, standalone),
-        "inherited": inherited,
-        "standalone": standalone,
-        "seconds": times,
+        "recipe": args.recipe,
+        "recipe_overrides": args.recipe_set,
+        "archs": [s.encode() for s in specs],
+        "standalone": truth_rows,
+        "standalone_seconds": t_standalone,
+        "variants": results,
+        "total_seconds": time.perf_counter() - t0,
     }
-    print(json.dumps(summary, indent=1))
+    with atomic_open(out / "summary.json", "w", encoding="utf-8") as fh:
+        json.dump(summary, fh, indent=1)
+    print(f"wrote {out / 'summary.json'} ({summary['total_seconds']:.0f} s)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

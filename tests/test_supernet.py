@@ -9,10 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+from aanas.config import ELASTIC_DIMS, SupernetRecipe
 from aanas.models import create_model
 from aanas.ops.elastic import ElasticAttention, split_index
 from aanas.space import SearchSpace
-from aanas.supernet import SuperNet, recalibrate_bn, train_supernet
+from aanas.spec import ArchSpec, resolve
+from aanas.supernet import PathSampler, SuperNet, param_dimension, recalibrate_bn, train_supernet
 
 # A ResNet-family space (basic + bottleneck blocks, width choice) small enough for CPU tests.
 _RESNET_SPACE = {
@@ -181,6 +183,7 @@ def test_train_recalibrate_save_load(tiny: SearchSpace, tmp_path: Path) -> None:
             epochs=2,
             lr=0.05,
             rule=rule,
+            distill=rule == "sandwich",
             seed=0,
             max_batches=1,
             on_epoch=lambda e, m, seen=seen: seen.append(e),
@@ -205,3 +208,241 @@ def test_train_recalibrate_save_load(tiny: SearchSpace, tmp_path: Path) -> None:
     resnet = SuperNet(SearchSpace.from_dict(_RESNET_SPACE))
     with pytest.raises(ValueError, match="space"):
         resnet.load(path)
+
+
+# --- BN recalibration of one path -----------------------------------------------------------------
+
+
+def _aa_spec(space: SearchSpace) -> ArchSpec:
+    """A path with skipped blocks (depth 1), a split attention bank and narrow expansions."""
+    params = space.encode_params(space.smallest())
+    params.update({"stage2.aa.placement": "last", "stage2.aa.kappa": 0.5})
+    return space.decode(params)
+
+
+def _naive_recalibrated(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
+    """Plain torch: reset every BN, cumulative average over the batches, train mode."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    return model.eval()
+
+
+def test_recalibrate_path_changes_only_its_bn_rows(tiny: SearchSpace) -> None:
+    torch.manual_seed(0)
+    net = SuperNet(tiny)
+    _randomize(net, 3)
+    spec = _aa_spec(tiny)
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(4, 3, 32, 32, generator=gen) * 2 + 0.5 for _ in range(3)]
+    reference = _naive_recalibrated(net.extract(spec), xs)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    path_before = net.static_state(spec)
+    recalibrate_bn(net, [(x, torch.zeros(4)) for x in xs], batches=3, spec=spec)
+    assert not net.training
+    # the path's BN statistics are those of the standalone subnet recalibrated by plain torch
+    after_path = net.static_state(spec)
+    ref_state = reference.state_dict()
+    stats = [k for k in after_path if k.endswith(("running_mean", "running_var"))]
+    assert len(stats) > 10
+    for k in stats:
+        torch.testing.assert_close(after_path[k], ref_state[k], rtol=1e-4, atol=1e-5)
+        assert not torch.equal(after_path[k], path_before[k]), k
+    after = net.state_dict()
+    # a block the path skips (stage 1 runs 1 of 2 blocks) keeps everything
+    skipped = [k for k in before if k.startswith("blocks.1.1.") and "running" in k]
+    assert skipped
+    for k in skipped:
+        assert torch.equal(after[k], before[k]), k
+    assert torch.equal(
+        after["blocks.1.1.expand_bn.num_batches_tracked"],
+        before["blocks.1.1.expand_bn.num_batches_tracked"],
+    )
+    # rows of a used bank that the path does not normalise keep their statistics:
+    # stage 1 block 0 expands 16 -> 48 of 96 rows; stage 2's attention bank uses dv of its rows
+    mid = int(spec.stages[1][0].expansion * 16)
+    for k in ("running_mean", "running_var"):
+        key = f"blocks.1.0.expand_bn.{k}"
+        assert torch.equal(after[key][mid:], before[key][mid:])
+        assert not torch.equal(after[key][:mid], before[key][:mid])
+    stage, j, rb = next((st, j, r) for st, j, r in resolve(spec).staged() if r.dv)
+    bank = net.blocks[stage][j].s_max  # spatial-mode attention rows start here
+    conv_rows = rb.mid_channels - rb.dv
+    for k in ("running_mean", "running_var"):
+        key = f"blocks.{stage}.{j}.spatial_bn.{k}"
+        assert torch.equal(after[key][conv_rows:bank], before[key][conv_rows:bank])
+        assert torch.equal(after[key][bank + rb.dv :], before[key][bank + rb.dv :])
+        assert not torch.equal(after[key][bank : bank + rb.dv], before[key][bank : bank + rb.dv])
+
+
+# --- path sampling, distillation, progressive shrinking -------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["tiny", "aa_mnasnet", "aa_resnet"])
+def test_path_sampler_restricts_dimensions(name: str) -> None:
+    space = SearchSpace.from_yaml(name)
+    sampler = PathSampler(space)
+    largest = space.encode_params(space.largest())
+    all_dims = frozenset(ELASTIC_DIMS)
+    # every dimension elastic: the very draws of space.sample
+    a, b = np.random.default_rng(4), np.random.default_rng(4)
+    for _ in range(10):
+        assert sampler.sample(a, all_dims) == space.sample(b)
+    assert sampler.smallest(all_dims) == space.smallest()
+    rng = np.random.default_rng(0)
+    assert sampler.sample(rng, frozenset()) == space.largest()
+    assert sampler.smallest(frozenset()) == space.largest()
+    for dim in ELASTIC_DIMS:
+        seen = set()
+        for _ in range(20):
+            spec = sampler.sample(rng, frozenset({dim}))
+            params = space.encode_params(spec)
+            # parameters of the other dimensions keep the largest network's value (compared as
+            # specs: placements 'last' and 'all' coincide on a one-block stage)
+            fixed = {
+                k: largest.get(k, v) if param_dimension(k) != dim else v for k, v in params.items()
+            }
+            assert space.decode(fixed) == spec, dim
+            seen.add(spec)
+        has_dim = any(param_dimension(p.name) == dim for p in space.parameters)
+        assert (len(seen) > 1) == has_dim, dim
+
+
+def test_supernet_recipe_schedule_and_errors() -> None:
+    r = SupernetRecipe()
+    assert r.elastic_at(0.0) == frozenset()
+    assert r.elastic_at(0.2) == {"kernel"}
+    assert r.elastic_at(0.5) == {"kernel", "depth"}
+    assert r.elastic_at(0.99) == set(ELASTIC_DIMS)
+    assert SupernetRecipe(shrink=False).elastic_at(0.0) == set(ELASTIC_DIMS)
+    # a dimension not in shrink_order is elastic from the start
+    part = SupernetRecipe(shrink_order=("attention",), shrink_at=(0.5,))
+    assert part.elastic_at(0.1) == {"kernel", "depth", "width"}
+    for bad, match in (
+        ({"shrink_order": ("kernel", "colour"), "shrink_at": (0.1, 0.2)}, "shrink_order"),
+        ({"shrink_at": (0.4, 0.2, 0.6, 0.8)}, "shrink_at"),
+        ({"shrink_at": (0.2,)}, "shrink_at"),
+        ({"rule": "uniform"}, "distill"),
+        ({"rule": "greedy"}, "rule"),
+        ({"n_random": -1}, "n_random"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            SupernetRecipe(**bad)  # type: ignore[arg-type]
+    assert all(
+        param_dimension(p.name) in ELASTIC_DIMS
+        for n in ("tiny", "aa_mnasnet", "aa_resnet")
+        for p in SearchSpace.from_yaml(n).parameters
+    )
+    with pytest.raises(ValueError, match="colour"):
+        param_dimension("stage1.colour")
+
+
+def _one_step_reference(
+    net: SuperNet, x: torch.Tensor, y: torch.Tensor, specs: list[ArchSpec], distill: bool
+) -> dict[str, torch.Tensor]:
+    """One SGD step of the sandwich written out by hand: CE for the first path, KL to its
+    detached softmax (T = 1) or CE for the others, gradients summed."""
+    torch.manual_seed(0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=0.0, nesterov=True)
+    net.train()
+    opt.zero_grad()
+    teacher = net(x, specs[0])
+    torch.nn.functional.cross_entropy(teacher, y).backward()
+    soft = torch.softmax(teacher.detach(), 1)
+    for spec in specs[1:]:
+        logits = net(x, spec)
+        if distill:
+            log_p = torch.log_softmax(logits, 1)
+            loss = (soft * (soft.log() - log_p)).sum(1).mean()  # KL(teacher || student)
+        else:
+            loss = torch.nn.functional.cross_entropy(logits, y)
+        loss.backward()
+    opt.step()
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+@pytest.mark.parametrize("distill", [True, False])
+def test_sandwich_step_matches_hand_written(tiny: SearchSpace, distill: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 10, (4,), generator=gen)
+    torch.manual_seed(0)
+    net = SuperNet(tiny)
+    ref_net = SuperNet(tiny)
+    ref_net.load_state_dict(net.state_dict())
+    recipe = SupernetRecipe(
+        epochs=1, lr=0.1, weight_decay=0.0, n_random=0, distill=distill, shrink=False
+    )
+    train_supernet(net, [(x, y)], recipe, seed=0)
+    ref = _one_step_reference(ref_net, x, y, [tiny.largest(), tiny.smallest()], distill)
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, ref[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_progressive_shrinking_phases(tiny: SearchSpace) -> None:
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(2, 3, 32, 32, generator=gen), torch.randint(0, 10, (2,)))]
+    net = SuperNet(tiny)
+    calls: list[ArchSpec] = []
+    forward = net.forward
+
+    def spy(x: torch.Tensor, spec: ArchSpec) -> torch.Tensor:
+        calls.append(spec)
+        return forward(x, spec)
+
+    net.forward = spy  # type: ignore[method-assign]
+    recipe = SupernetRecipe(epochs=5, n_random=3)  # one step per epoch: phases 0, 0.2, .., 0.8
+    per_step: list[list[ArchSpec]] = []
+    out = train_supernet(
+        net, data, recipe, on_epoch=lambda e, m: (per_step.append(list(calls)), calls.clear())
+    )
+    largest = tiny.encode_params(tiny.largest())
+    assert per_step[0] == [tiny.largest()]  # phase 0: the largest network alone
+    assert [m["elastic"] for m in out["epochs"]] == [
+        [],
+        ["kernel"],
+        ["depth", "kernel"],
+        ["depth", "kernel", "width"],
+        ["attention", "depth", "kernel", "width"],
+    ]
+    for step, elastic in enumerate(out["epochs"]):
+        assert per_step[step][0] == tiny.largest()
+        for spec in per_step[step]:
+            params = tiny.encode_params(spec)
+            fixed = {
+                k: largest.get(k, v) if param_dimension(k) not in elastic["elastic"] else v
+                for k, v in params.items()
+            }
+            assert tiny.decode(fixed) == spec, step
+    assert per_step[4][1] == tiny.smallest()
+    assert len(set(per_step[4])) == len(per_step[4])  # duplicates are trained once
+
+
+def test_each_epoch_gets_its_own_shuffle(tiny: SearchSpace) -> None:
+    # aanas.data shuffles with a DistributedSampler: the order is f(seed, epoch) and stays the
+    # same every epoch unless set_epoch is called
+    n = 8
+    images = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 32, 32)
+    dataset = torch.utils.data.TensorDataset(images, torch.zeros(n, dtype=torch.long))
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, seed=3)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, sampler=sampler)
+    net = SuperNet(tiny)
+    seen: list[int] = []
+    forward = net.forward
+
+    def spy(x: torch.Tensor, spec: ArchSpec) -> torch.Tensor:
+        if spec == tiny.largest():
+            seen.extend(int(v) for v in x[:, 0, 0, 0])
+        return forward(x, spec)
+
+    net.forward = spy  # type: ignore[method-assign]
+    train_supernet(net, loader, epochs=2, n_random=0, shrink=False)
+    expected = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        expected += list(sampler)
+    assert seen == expected and seen[:n] != seen[n:]

@@ -1,0 +1,184 @@
+"""Tests for aanas.search.ranking: rank correlations and bootstrap against naive references."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from aanas.config import TrainRecipe
+from aanas.cost import count_spec
+from aanas.search.ranking import (
+    bootstrap_interval,
+    kendall_tau,
+    ranking_report,
+    spearman_rho,
+    stratified_by_macs,
+    top_k_contains_best,
+)
+from aanas.space import SearchSpace
+
+
+def _naive_tau_b(x: list[float], y: list[float]) -> float:
+    """O(n^2) tau-b: (C - D) / sqrt((n0 - n1)(n0 - n2)) over all pairs."""
+    n = len(x)
+    conc = disc = tie_x = tie_y = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            dx, dy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
+            if dx == 0:
+                tie_x += 1
+            if dy == 0:
+                tie_y += 1
+            if dx * dy > 0:
+                conc += 1
+            elif dx * dy < 0:
+                disc += 1
+    n0 = n * (n - 1) // 2
+    return (conc - disc) / math.sqrt((n0 - tie_x) * (n0 - tie_y))
+
+
+def _naive_rank(v: list[float]) -> list[float]:
+    """1-based ranks, ties get the mean of the ranks they span."""
+    return [1 + sum(1 for w in v if w < a) + (sum(1 for w in v if w == a) - 1) / 2 for a in v]
+
+
+def _naive_rho(x: list[float], y: list[float]) -> float:
+    rx, ry = np.array(_naive_rank(x)), np.array(_naive_rank(y))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return float((rx * ry).sum() / math.sqrt((rx**2).sum() * (ry**2).sum()))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_correlations_match_naive_references(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 25))
+    x = rng.integers(0, 8, n).astype(float).tolist()  # ties on purpose
+    y = (np.array(x) * rng.choice([-1, 0.5, 1]) + rng.integers(0, 6, n)).tolist()
+    assert kendall_tau(x, y) == pytest.approx(_naive_tau_b(x, y), abs=1e-12)
+    assert spearman_rho(x, y) == pytest.approx(_naive_rho(x, y), abs=1e-12)
+
+
+def test_degenerate_inputs() -> None:
+    assert math.isnan(kendall_tau([1, 1, 1], [1, 2, 3]))
+    assert math.isnan(spearman_rho([1, 2, 3], [5, 5, 5]))
+    assert math.isnan(kendall_tau([1], [2]))
+    with pytest.raises(ValueError, match="equally long"):
+        kendall_tau([1, 2], [1, 2, 3])
+    assert bootstrap_interval([1, 2, 3, 4], [2, 4, 6, 8], kendall_tau, n_resamples=200) == (
+        1.0,
+        1.0,
+    )
+
+
+def test_bootstrap_matches_scipy_percentile() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=15)
+    y = x + rng.normal(scale=0.8, size=15)
+    ours = bootstrap_interval(x.tolist(), y.tolist(), spearman_rho, n_resamples=1500, seed=1)
+    ref = stats.bootstrap(
+        (x, y),
+        lambda a, b: stats.spearmanr(a, b).statistic,
+        paired=True,
+        vectorized=False,
+        n_resamples=1500,
+        method="percentile",
+        rng=np.random.default_rng(2),
+    ).confidence_interval
+    assert ours[0] == pytest.approx(ref.low, abs=0.06)
+    assert ours[1] == pytest.approx(ref.high, abs=0.06)
+    assert ours[0] < spearman_rho(x.tolist(), y.tolist()) < ours[1]
+    # a higher level gives a wider interval from the same resamples
+    wide = bootstrap_interval(
+        x.tolist(), y.tolist(), spearman_rho, n_resamples=1500, seed=1, level=0.99
+    )
+    assert wide[0] <= ours[0] and wide[1] >= ours[1]
+
+
+def test_top_k_and_report() -> None:
+    assert not top_k_contains_best([0.9, 0.5, 0.7], [0.6, 0.8, 0.7], k=2)
+    assert top_k_contains_best([0.9, 0.5, 0.7], [0.6, 0.8, 0.7], k=3)
+    assert top_k_contains_best([0.9, 0.5, 0.5], [0.6, 0.8, 0.7], k=2)  # tie at the cut
+    truth = list(range(20))
+    report = ranking_report([t + (3 if t % 4 == 0 else 0) for t in truth], truth, n_resamples=300)
+    assert report.n == 20 and report.top_k_contains_best
+    assert report.kendall_tau == pytest.approx(
+        _naive_tau_b([t + (3 if t % 4 == 0 else 0) for t in truth], truth)
+    )
+    lo, hi = report.kendall_tau_ci
+    assert lo <= report.kendall_tau <= hi <= 1.0
+    assert report.to_dict()["spearman_rho_ci"] == list(report.spearman_rho_ci)
+
+
+def test_stratified_by_macs_spans_the_range() -> None:
+    space = SearchSpace.from_yaml("tiny")
+    n = 8
+    specs = stratified_by_macs(space, n, np.random.default_rng(0))
+    assert len(set(specs)) == n
+    for s in specs:
+        space.encode_params(s)  # raises if not in the space
+    macs = [count_spec(s).macs for s in specs]
+    assert macs == sorted(macs)
+    lo, hi = count_spec(space.smallest()).macs, count_spec(space.largest()).macs
+    step = (hi / lo) ** (1 / n)
+    # the cheapest and dearest strata are both represented
+    assert macs[0] <= lo * step and macs[-1] >= hi / step
+    # a uniform sample of the same size crowds the middle: its spread is smaller
+    rng = np.random.default_rng(0)
+    uniform = [count_spec(space.sample(rng)).macs for _ in range(n)]
+    assert np.std(np.log(macs)) > np.std(np.log(uniform))
+    assert stratified_by_macs(space, n, np.random.default_rng(0)) == specs  # seeded
+    with pytest.raises(ValueError, match="fewer than"):
+        stratified_by_macs(space, space.size() + 1, np.random.default_rng(0))
+
+
+def _load_benchmark() -> Any:
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "supernet_ranking.py"
+    spec = importlib.util.spec_from_file_location("supernet_ranking_bench", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_cache_trains_only_what_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bench = _load_benchmark()
+    trained: list[str] = []
+
+    def fake_fit(model: Any, data: Any, recipe: TrainRecipe, **kw: Any) -> dict[str, float]:
+        trained.append(model.spec.encode())  # training itself is not what this test checks
+        assert kw["evaluate_test"]
+        return {"test_top1": 0.5 + 0.01 * len(trained), "val_top1": 0.4}
+
+    monkeypatch.setattr(bench, "fit", fake_fit)
+    space = SearchSpace.from_yaml("tiny")
+    specs = stratified_by_macs(space, 3, np.random.default_rng(0))
+    recipe = TrainRecipe(epochs=1)
+    path = tmp_path / "c" / "standalone.json"
+    first = bench.standalone_results(specs, None, recipe, bench.StandaloneCache(path), "cpu")
+    assert len(trained) == 3 and [r["spec"] for r in first] == [s.encode() for s in specs]
+    assert [p.name for p in path.parent.iterdir()] == ["standalone.json"]  # no temp files
+    # a rerun reads everything back; one new architecture and a changed recipe train again
+    extra = next(
+        s for s in (space.sample(np.random.default_rng(i)) for i in range(50)) if s not in specs
+    )
+    again = bench.standalone_results(
+        [*specs, extra], None, recipe, bench.StandaloneCache(path), "cpu"
+    )
+    assert len(trained) == 4 and trained[-1] == extra.encode()
+    assert [r["test_top1"] for r in again[:3]] == [r["test_top1"] for r in first]
+    bench.standalone_results(
+        specs[:1], None, TrainRecipe(epochs=2), bench.StandaloneCache(path), "cpu"
+    )
+    assert len(trained) == 5
+    assert len(json.loads(path.read_text())) == 5
