@@ -380,3 +380,32 @@ def test_aa_cifar_exports_to_onnx(tmp_path: Path) -> None:
             model(torch.randn(8, 3, 32, 32))
     report = to_onnx(model.eval(), tmp_path / "m.onnx", batch_sizes=(2,))
     assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-3
+
+
+def test_cifar_space_samples_attend_on_at_least_4x4() -> None:
+    import numpy as np
+
+    from aanas.space import SearchSpace
+
+    space = SearchSpace.from_yaml("cifar_aa_mnasnet")
+    modes, augmented = set(), 0
+    for seed in range(100):
+        spec = space.sample(np.random.default_rng(seed))
+        assert (spec.input_size, spec.num_classes) == (32, 10)
+        plan = S.resolve(spec)
+        assert plan.blocks[-1].out_size == 4
+        for b in plan.blocks:
+            if b.dv:
+                augmented += 1
+                modes.add(b.aa_mode)
+                assert min(b.in_size, b.out_size) >= 4, (seed, b.name)
+        assert S.decode(S.encode(spec)) == spec
+    assert modes == {"spatial", "expansion", "projection"} and augmented > 100
+    # one sample builds, runs and is costed consistently
+    spec = space.sample(np.random.default_rng(3))
+    model = create_model(spec).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    from aanas.cost import count_spec
+
+    assert count_spec(spec).macs == counter.get_total_flops() // 2
