@@ -23,7 +23,12 @@ def test_reproduce_mobile_smoke(tmp_path: Path) -> None:
     seen: list[tuple[str, int]] = []
     result = reproduce_mobile(
         recipe="reproduce_mobile_cpu",
-        overrides=["max_train_batches=2", "batch_size=32", "bn_recalibrate_batches=1"],
+        overrides=[
+            "max_train_batches=1",
+            "batch_size=32",
+            "bn_recalibrate_batches=1",
+            "val_fraction=0",
+        ],
         epochs=1,
         seeds=(0, 1),
         width=0.5,
@@ -56,7 +61,7 @@ def test_reproduce_mobile_smoke(tmp_path: Path) -> None:
     assert (tmp_path / "reproduce.md").read_text().strip() == result.table.strip()
     data = json.loads((tmp_path / "reproduce.json").read_text())
     assert [r["model"] for r in data["rows"]] == [base.model, aa.model, base.model]
-    assert data["seeds"] == [0, 1] and data["recipe"]["max_train_batches"] == 2
+    assert data["seeds"] == [0, 1] and data["recipe"]["max_train_batches"] == 1
     assert math.isclose(data["rows"][1]["top1_mean_pct"], 50 * sum(aa.top1))
     cmp = data["comparisons"]
     assert [c["versus"] for c in cmp] == [base.label, matched.label]
