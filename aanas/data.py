@@ -319,7 +319,7 @@ def _decoded_split(split: Path, cache_dir: Path) -> tuple[torch.Tensor, torch.Te
         except Exception as exc:  # a truncated/foreign file: decode again and replace it
             _LOG.warning("imagefolder cache %s unreadable (%s); decoding again", cache, exc)
     _LOG.info("decoding %d images of %s once (cache: %s)", len(folder.samples), split, cache)
-    arrays = []
+    arrays: list[Any] = []
     for file, _ in folder.samples:
         with Image.open(file) as img:
             arr = np.asarray(img.convert("RGB"))  # (H, W, 3) uint8, as ImageFolder's loader
@@ -364,14 +364,12 @@ def _imagefolder(
     if native <= _SMALL_NATIVE_MAX and input_size == native:
         # Small images at their native size: decode each split once into a uint8 tensor
         # (cached on disk) and augment whole batches on tensors.
-        decoded = {s: _decoded_split(path / s, cache_dir) for s in ["train", *splits]}
-        if all(v is not None for v in decoded.values()):
+        maybe = {s: _decoded_split(path / s, cache_dir) for s in ["train", *splits]}
+        decoded = {s: v for s, v in maybe.items() if v is not None}
+        if len(decoded) == len(maybe):
             pad = max(1, input_size // 8) if augment else 0
-            tx, ty = decoded["train"]  # type: ignore[misc]
-            sets = {
-                s: _TensorImageDataset(*v, mean, std)  # type: ignore[misc]
-                for s, v in decoded.items()
-            }
+            tx, ty = decoded["train"]
+            sets = {s: _TensorImageDataset(x, y, mean, std) for s, (x, y) in decoded.items()}
             meta["train_eval"] = _TensorImageDataset(tx, ty, mean, std)
             if "val" in sets:
                 meta["val"] = sets["val"]
