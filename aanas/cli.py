@@ -664,9 +664,11 @@ def _add_reproduce(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "reproduce",
         formatter_class=_HelpFormatter,
         help="reproduce a paper comparison (mobile: MnasNet-A1 vs AA-MnasNet-A1)",
-        description="mobile: train mnasnet_a1_100 and aa_mnasnet_a1_100 (same width, recipe and "
-        "seeds) and print params, MACs, latency and test top-1 (mean ± std over seeds) beside "
-        "the published ImageNet numbers; writes OUT/reproduce.md and OUT/reproduce.json. "
+        description="mobile: train MnasNet-A1 and AA-MnasNet-A1 at the same width, and "
+        "MnasNet-A1 widened to AA-MnasNet-A1's MACs (same recipe and seeds; CIFAR-sized models "
+        "for inputs <= 64 px), and print params, MACs, latency, test top-1 (mean ± std over "
+        "seeds) and paired t-tests beside the published ImageNet numbers; writes "
+        "OUT/reproduce.md and OUT/reproduce.json. "
         "Default: a few CPU minutes on the embedded digits data. CIFAR-10: --recipe "
         "cifar10_subset_mnasnet_a1 --data imagefolder:PATH (or --data cifar10 --set "
         "download=true). ImageNet on GPUs: --recipe imagenet_mnasnet_a1 --data "
@@ -680,8 +682,8 @@ def _add_reproduce(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument(
         "--epochs", type=int, help="replaces the recipe's epochs (default: the recipe's)"
     )
-    p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
-    p.add_argument("--width", type=float, default=1.0, help="channel multiplier of both models")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (>= 3 for a test)")
+    p.add_argument("--width", type=float, default=0.5, help="channel multiplier of the pair")
     p.add_argument("--device", default="cpu", help="training device (default: cpu)")
     p.add_argument("--out", default="runs/reproduce_mobile", help="output folder")
     p.add_argument(

@@ -55,7 +55,7 @@ __all__ = [
 T = TypeVar("T")
 
 OPTIMIZERS = ("sgd", "rmsprop")
-SCHEDULES = ("cosine", "step", "exponential", "constant")
+SCHEDULES = ("cosine", "step", "exponential", "constant", "onecycle")
 
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
@@ -97,8 +97,10 @@ class TrainRecipe:
     weight_decay: float = 1e-4  # L2 coefficient, coupled as in SGD (not AdamW-style)
     wd_exclude_bn_bias: bool = False  # drop decay on 1-d params (BN gamma/beta, biases)
     # --- learning-rate schedule (per optimiser step) ---------------------------------------
-    schedule: str = "cosine"  # cosine | step | exponential | constant
-    warmup_epochs: float = 0.0  # linear ramp 0 -> lr (Bello et al.: 5 epochs on ImageNet)
+    schedule: str = "cosine"  # cosine | step | exponential | constant | onecycle
+    # linear ramp 0 -> lr (Bello et al.: 5 epochs on ImageNet); onecycle: its rising phase
+    # (0 = 30 % of the run, torch OneCycleLR's pct_start)
+    warmup_epochs: float = 0.0
     milestones: tuple[int, ...] = ()  # step schedule: multiply by gamma at these epochs
     gamma: float = 0.1  # step schedule factor (ResNet /10, WRN x0.2)
     decay_rate: float = 0.97  # exponential schedule factor (MnasNet: 0.97 ...)

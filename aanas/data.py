@@ -2,7 +2,8 @@
 
 :func:`build_data` returns a :class:`DataBundle` with train/validation/test loaders. The
 validation split is carved deterministically out of the *training* set (seeded
-``torch.Generator``), so a search selects on validation accuracy and never sees the test set.
+``torch.Generator``), or is an ImageFolder tree's own ``val/`` split, so a search selects on
+validation accuracy and never sees the test set.
 Every data set is delivered as 3-channel images normalised with its own mean/std, so the same
 models (Bello et al., arXiv:1904.09925) run on all of them.
 
@@ -14,7 +15,16 @@ Accepted names:
   bilinear upsampling to ``input_size``, replicated to 3 channels, kept in memory.
 - ``cifar10`` / ``cifar100``: ``torchvision.datasets`` under ``root`` (default
   ``~/.cache/aanas/data``); downloaded only with ``download=True``.
-- ``imagefolder:PATH``: a torchvision ``ImageFolder`` tree with ``train/`` and ``test/``.
+- ``imagefolder:PATH``: a torchvision ``ImageFolder`` tree with ``train/``, ``test/`` and
+  optionally ``val/``. When ``val/`` exists it **is** the validation split (model selection and
+  searches use it; all of ``train/`` is trained on) and ``val_fraction`` only switches
+  validation on (> 0) or off (0). Small images (side <= 64) used at their native size are
+  decoded once into a uint8 tensor per split, cached under ``root`` (default
+  ``~/.cache/aanas/data/imagefolder/``, keyed by the file list, sizes and mtimes), and
+  augmented on tensors a batch at a time; other trees go through per-image PIL transforms.
+
+In-memory sets (``digits``, the two above, ``cifar10``/``cifar100`` at 32x32) ignore
+``workers``: batched tensor augmentation costs about a millisecond per batch.
 
 Shuffling uses ``DistributedSampler`` in all cases (``num_replicas=1`` without DDP): each epoch's
 order is a function of ``(seed, epoch)`` only (call ``loader.sampler.set_epoch(epoch)``), which
@@ -26,6 +36,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -81,7 +92,15 @@ def default_data_root() -> Path:
 
 
 class _TensorImageDataset(Dataset[tuple[torch.Tensor, int]]):
-    """Images (N, 3, S, S) in [0, 1] kept in memory; crop/flip then normalise per sample."""
+    """Images (N, 3, S, S) kept in memory (uint8 0..255 or float 0..1); crop/flip, normalise.
+
+    The DataLoader fetches a whole batch through ``__getitems__``, so the pad-crop + flip
+    augmentation runs as a few batched tensor ops instead of per-image PIL transforms (on the
+    CIFAR-10 subset that removes PNG decoding and PIL from every epoch:
+    ``benchmarks/cifar_data.py``). Semantics match torchvision's ``RandomCrop(S, padding=p)``
+    (zero fill, i.e. black before normalisation), ``RandomHorizontalFlip()``, ``ToTensor()`` and
+    ``Normalize(mean, std)``.
+    """
 
     def __init__(
         self,
@@ -95,24 +114,48 @@ class _TensorImageDataset(Dataset[tuple[torch.Tensor, int]]):
     ) -> None:
         self.images = images
         self.labels = labels
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
+        # uint8 pixels are scaled by 1/255 as ToTensor does, folded into the normalisation.
+        scale = 255.0 if images.dtype == torch.uint8 else 1.0
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1) * scale
+        self.std = torch.tensor(std).view(1, 3, 1, 1) * scale
         self.pad = pad
         self.flip = flip
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        img = self.images[index]  # (3, S, S)
+    def _augment(self, img: torch.Tensor) -> torch.Tensor:
+        """Random pad-crop and flip of a batch ``(B, 3, S, S)``, each image drawn on its own."""
+        b, size = img.shape[0], img.shape[-1]
         if self.pad > 0:
-            size = img.shape[-1]
-            padded = F.pad(img, (self.pad,) * 4)  # (3, S + 2p, S + 2p), zero = background
-            top, left = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
-            img = padded[:, top : top + size, left : left + size]
-        if self.flip and torch.rand(()) < 0.5:
-            img = img.flip(-1)
-        return (img - self.mean) / self.std, int(self.labels[index])
+            p = self.pad
+            padded = F.pad(img, (p, p, p, p))  # (B, 3, S + 2p, S + 2p), zero = black
+            top = torch.randint(0, 2 * p + 1, (b, 1, 1, 1))
+            left = torch.randint(0, 2 * p + 1, (b, 1, 1, 1))
+            ar = torch.arange(size)
+            rows = (top + ar.view(1, 1, size, 1)).expand(b, 3, size, size + 2 * p)
+            img = padded.gather(2, rows)  # (B, 3, S, S + 2p)
+            cols = (left + ar.view(1, 1, 1, size)).expand(b, 3, size, size)
+            img = img.gather(3, cols)  # (B, 3, S, S)
+        if self.flip:
+            mask = (torch.rand(b) < 0.5).view(b, 1, 1, 1)
+            img = torch.where(mask, img.flip(-1), img)
+        return img
+
+    def _batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        img = self._augment(self.images[idx])
+        x = (img.float() - self.mean) / self.std
+        return x, self.labels[idx]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x, y = self._batch([index])
+        return x[0], int(y[0])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
+        """A whole batch at once (used by ``DataLoader``'s fetcher; see the class docstring)."""
+        x, y = self._batch(indices)
+        return list(zip(x.unbind(0), y.tolist(), strict=True))
 
 
 def _digits(input_size: int, augment: bool) -> tuple[Dataset[Any], Dataset[Any], dict[str, Any]]:
@@ -202,6 +245,26 @@ def _cifar(
             f"{name} not found under {root}; download it with `--set download=true` "
             f"(or `download: true` in the recipe), or point `data_root` at an existing copy"
         )
+    if input_size == 32:  # native size: the arrays are in memory already; augment on tensors
+        train_raw = cls(str(root), train=True, download=download)
+        test_raw = cls(str(root), train=False, download=download)
+        tx = torch.from_numpy(train_raw.data).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
+        ty = torch.tensor(train_raw.targets, dtype=torch.int64)
+        test_x = torch.from_numpy(test_raw.data).permute(0, 3, 1, 2).contiguous()
+        test_t = _TensorImageDataset(
+            test_x, torch.tensor(test_raw.targets, dtype=torch.int64), mean, std
+        )
+        pad = 4 if augment else 0
+        return (
+            _TensorImageDataset(tx, ty, mean, std, pad=pad, flip=augment),
+            test_t,
+            {
+                "classes": tuple(train_raw.classes),
+                "mean": mean,
+                "std": std,
+                "train_eval": _TensorImageDataset(tx, ty, mean, std),
+            },
+        )
     train_tf, eval_tf = _transforms(input_size, 32, mean, std, augment=augment, flip=True)
     train = cls(str(root), train=True, transform=train_tf, download=download)
     train_eval = cls(str(root), train=True, transform=eval_tf, download=False)
@@ -224,8 +287,58 @@ def _class_dirs(split: Path) -> list[str]:
     return classes
 
 
+def _decoded_split(split: Path, cache_dir: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(images uint8 (N, 3, S, S), labels int64 (N,))`` of one ImageFolder split, decoded once.
+
+    The order and labels are torchvision ``ImageFolder``'s (same file list). The tensors are
+    cached in ``cache_dir`` under a key hashing the split's resolved path and every file's
+    relative path, size and mtime, so an edited tree is decoded again; the cache is written
+    atomically. Returns None when the images are not all of one size (the PIL path handles
+    those).
+    """
+    import hashlib
+
+    import numpy as np
+    from PIL import Image
+    from torchvision import datasets
+
+    from aanas._io import atomic_open
+
+    folder = datasets.ImageFolder(str(split))
+    digest = hashlib.sha256(str(split.resolve()).encode())
+    for file, label in folder.samples:
+        st = os.stat(file)
+        digest.update(
+            f"{os.path.relpath(file, split)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode()
+        )
+    cache = cache_dir / "imagefolder" / f"{split.name}-{digest.hexdigest()[:20]}.pt"
+    if cache.is_file():
+        try:
+            blob = torch.load(cache, weights_only=True)
+            return blob["images"], blob["labels"]
+        except Exception as exc:  # a truncated/foreign file: decode again and replace it
+            _LOG.warning("imagefolder cache %s unreadable (%s); decoding again", cache, exc)
+    _LOG.info("decoding %d images of %s once (cache: %s)", len(folder.samples), split, cache)
+    arrays: list[Any] = []
+    for file, _ in folder.samples:
+        with Image.open(file) as img:
+            arr = np.asarray(img.convert("RGB"))  # (H, W, 3) uint8, as ImageFolder's loader
+        if arrays and arr.shape != arrays[0].shape:
+            _LOG.info("imagefolder %s: mixed image sizes; using per-image PIL transforms", split)
+            return None
+        arrays.append(arr)
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
+    labels = torch.tensor([label for _, label in folder.samples], dtype=torch.int64)
+    try:
+        with atomic_open(cache, "wb") as fh:
+            torch.save({"images": images, "labels": labels}, fh)
+    except OSError as exc:  # a read-only cache folder only costs the decoding next time
+        _LOG.warning("could not write imagefolder cache %s: %s", cache, exc)
+    return images, labels
+
+
 def _imagefolder(
-    path: Path, input_size: int, augment: bool
+    path: Path, input_size: int, augment: bool, cache_dir: Path
 ) -> tuple[Dataset[Any], Dataset[Any], dict[str, Any]]:
     from PIL import Image
     from torchvision import datasets
@@ -233,30 +346,43 @@ def _imagefolder(
     if not path.is_dir():
         raise FileNotFoundError(f"imagefolder: path {path} does not exist or is not a folder")
     train_classes = _class_dirs(path / "train")
-    test_classes = _class_dirs(path / "test")
-    if train_classes != test_classes:
-        only_train = sorted(set(train_classes) - set(test_classes))
-        only_test = sorted(set(test_classes) - set(train_classes))
-        raise ValueError(
-            f"imagefolder: class folders differ between {path / 'train'} and {path / 'test'} "
-            f"(only in train: {only_train}, only in test: {only_test})"
-        )
+    splits = ["test", "val"] if (path / "val").is_dir() else ["test"]
+    for other in splits:
+        other_classes = _class_dirs(path / other)
+        if train_classes != other_classes:
+            only_train = sorted(set(train_classes) - set(other_classes))
+            only_other = sorted(set(other_classes) - set(train_classes))
+            raise ValueError(
+                f"imagefolder: class folders differ between {path / 'train'} and "
+                f"{path / other} (only in train: {only_train}, only in {other}: {only_other})"
+            )
     train = datasets.ImageFolder(str(path / "train"))
     with Image.open(train.samples[0][0]) as img:  # native size decides the transform style
         native = max(img.size)
-    train_tf, eval_tf = _transforms(
-        input_size, native, _IMAGENET_MEAN, _IMAGENET_STD, augment=augment, flip=True
-    )
+    mean, std = _IMAGENET_MEAN, _IMAGENET_STD
+    meta: dict[str, Any] = {"classes": tuple(train.classes), "mean": mean, "std": std}
+    if native <= _SMALL_NATIVE_MAX and input_size == native:
+        # Small images at their native size: decode each split once into a uint8 tensor
+        # (cached on disk) and augment whole batches on tensors.
+        maybe = {s: _decoded_split(path / s, cache_dir) for s in ["train", *splits]}
+        decoded = {s: v for s, v in maybe.items() if v is not None}
+        if len(decoded) == len(maybe):
+            pad = max(1, input_size // 8) if augment else 0
+            tx, ty = decoded["train"]
+            sets = {s: _TensorImageDataset(x, y, mean, std) for s, (x, y) in decoded.items()}
+            meta["train_eval"] = _TensorImageDataset(tx, ty, mean, std)
+            if "val" in sets:
+                meta["val"] = sets["val"]
+            train_aug = _TensorImageDataset(tx, ty, mean, std, pad=pad, flip=augment)
+            return train_aug, sets["test"], meta
+    train_tf, eval_tf = _transforms(input_size, native, mean, std, augment=augment, flip=True)
     train.transform = train_tf
     train_eval = copy.copy(train)  # same file list, evaluation transform (for validation)
     train_eval.transform = eval_tf
+    meta["train_eval"] = train_eval
+    if "val" in splits:
+        meta["val"] = datasets.ImageFolder(str(path / "val"), transform=eval_tf)
     test = datasets.ImageFolder(str(path / "test"), transform=eval_tf)
-    meta = {
-        "classes": tuple(train.classes),
-        "mean": _IMAGENET_MEAN,
-        "std": _IMAGENET_STD,
-        "train_eval": train_eval,
-    }
     return train, test, meta
 
 
@@ -317,12 +443,14 @@ def build_data(
 
     Args:
         name: ``digits``, ``cifar10``, ``cifar100`` or ``imagefolder:PATH``.
-        root: download/cache folder for torchvision sets (default :func:`default_data_root`).
+        root: download/cache folder for torchvision sets and decoded ImageFolder tensors
+            (default :func:`default_data_root`).
         input_size: square side fed to the model; images are resized when it differs from the
             native size.
         batch_size: global batch size; with ``distributed=True`` each process loads
             ``batch_size // world_size`` (it must divide evenly).
-        val_fraction: fraction of the training set held out for validation (0 = none).
+        val_fraction: fraction of the training set held out for validation (0 = none); for
+            an ImageFolder tree with a ``val/`` split, any value > 0 selects that split.
         seed: seeds the train/validation split and the per-epoch shuffling.
         download: allow torchvision to download ``cifar10``/``cifar100``.
         workers: DataLoader worker processes.
@@ -342,10 +470,10 @@ def build_data(
         raise ValueError(f"batch_size {batch_size} is not divisible by world size {world}")
     per_rank = batch_size // world
 
+    base = Path(root).expanduser() if root is not None else default_data_root()
     if kind == "digits":
         train, test, meta = _digits(input_size, augment)
     elif kind in ("cifar10", "cifar100"):
-        base = Path(root).expanduser() if root is not None else default_data_root()
         if download and world > 1:  # one rank downloads, the others wait and read its copy
             import torch.distributed as dist
 
@@ -356,16 +484,27 @@ def build_data(
         train, test, meta = _cifar(kind, base, input_size, augment, download)
     else:
         assert path is not None
-        train, test, meta = _imagefolder(path, input_size, augment)
+        train, test, meta = _imagefolder(path, input_size, augment, base)
 
     n = len(train)  # type: ignore[arg-type]
-    n_val = int(round(n * val_fraction))
-    if val_fraction > 0 and not 0 < n_val < n:
-        raise ValueError(f"val_fraction {val_fraction} leaves an empty split of {n} images")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    train_idx, val_idx = sorted(perm[n_val:]), sorted(perm[:n_val])
-    train_set: Dataset[Any] = Subset(train, train_idx)
-    val_set: Dataset[Any] | None = Subset(meta["train_eval"], val_idx) if n_val else None
+    val_set: Dataset[Any] | None
+    if "val" in meta and val_fraction > 0:
+        # A tree with its own val/ split: train on all of train/, select on val/.
+        train_set: Dataset[Any] = Subset(train, list(range(n)))
+        val_set = meta["val"]
+    else:
+        n_val = int(round(n * val_fraction))
+        if val_fraction > 0 and not 0 < n_val < n:
+            raise ValueError(f"val_fraction {val_fraction} leaves an empty split of {n} images")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        train_idx, val_idx = sorted(perm[n_val:]), sorted(perm[:n_val])
+        train_set = Subset(train, train_idx)
+        val_set = Subset(meta["train_eval"], val_idx) if n_val else None
+    if isinstance(train, _TensorImageDataset) and workers:
+        # In-memory tensors with batched augmentation (~1 ms per batch of 128 at 32x32): worker
+        # processes would only add start-up and IPC and compete with training for the cores.
+        _LOG.debug("data %s: in-memory tensors, ignoring workers=%d", name, workers)
+        workers = 0
 
     # The same sampler class with and without DDP: order depends only on (seed, epoch).
     sampler: DistributedSampler[Any] = DistributedSampler(

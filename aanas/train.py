@@ -391,6 +391,21 @@ def _make_optimizer(model: nn.Module, recipe: TrainRecipe) -> torch.optim.Optimi
     )
 
 
+def _onecycle_factor(step: int, total: int, rise: float) -> float:
+    """OneCycleLR's lr / max_lr at ``step`` (div_factor 25, final_div_factor 1e4, cos).
+
+    Example: total 100, rise 30 (pct_start 0.3): step 0 -> 0.04, step 29 -> 1.0, step 99 -> 1.6e-6.
+    """
+    initial, final = 1.0 / 25.0, 1.0 / 25.0 / 1e4
+    end_up = (rise if rise > 0 else 0.3 * total) - 1.0
+    step = min(step, total - 1)
+    if step <= end_up:
+        start, end, pct = initial, 1.0, step / end_up if end_up > 0 else 1.0
+    else:
+        start, end, pct = 1.0, final, (step - end_up) / max(1e-9, total - 1 - end_up)
+    return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1.0)
+
+
 def lr_factor(recipe: TrainRecipe, step: int, steps_per_epoch: int) -> float:
     """Multiplier of ``recipe.lr`` before optimiser step ``step`` (0-based, global).
 
@@ -403,9 +418,15 @@ def lr_factor(recipe: TrainRecipe, step: int, steps_per_epoch: int) -> float:
       the TF MnasNet reference (staircase, warm-up simply overrides the first steps).
     - ``cosine``: half cosine from 1 to 0 over the steps after warm-up.
 
+    - ``onecycle``: ``torch.optim.lr_scheduler.OneCycleLR`` (cosine annealing, without its
+      momentum cycling): cosine rise from 1/25 to 1 over ``warmup_epochs`` (0: the first 30 %
+      of the steps), then cosine fall to 1/25e4; no separate linear warm-up.
+
     Example: lr 0.1, cosine, 10 epochs x 100 steps, no warm-up: step 500 -> 0.5.
     """
     warm = recipe.warmup_epochs * steps_per_epoch
+    if recipe.schedule == "onecycle":
+        return _onecycle_factor(step, recipe.epochs * steps_per_epoch, warm)
     if step < warm:
         return (step + 1) / warm
     epoch = step / steps_per_epoch

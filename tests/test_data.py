@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -162,6 +163,119 @@ def test_shared_cifar10_subset() -> None:
     assert b.num_classes == 10 and b.classes[0] == "airplane" and b.classes[-1] == "truck"
     assert b.val is not None
     sizes = (len(b.train.dataset), len(b.val.dataset), len(b.test.dataset))  # type: ignore[arg-type]
-    assert sizes == (9000, 1000, 2000)
+    assert sizes == (10000, 10000, 2000)  # its own val/ split, all of train/ for training
     x, y = next(iter(b.train))
     assert x.shape == (50, 3, 32, 32) and int(y.max()) < 10
+    # the decoded tensors are torchvision ImageFolder's images and labels, same order
+    for split, loader in (("test", b.test), ("val", b.val)):
+        ref = _torchvision_reference(CIFAR10_SUBSET / split, b.mean, b.std)
+        x, y = next(iter(loader))
+        idx = list(range(len(y)))
+        if split == "val":  # also a few from the end of the file list
+            idx = [0, 1, len(ref) - 1]
+            x = torch.stack([loader.dataset[i][0] for i in idx])
+            y = torch.tensor([loader.dataset[i][1] for i in idx])
+        want = [ref[i] for i in idx]
+        assert torch.allclose(x, torch.stack([w[0] for w in want]), atol=1e-5)
+        assert y.tolist() == [w[1] for w in want]
+
+
+# --- in-memory ImageFolder tensors ----------------------------------------------------------------
+
+
+def _torchvision_reference(split: Path, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
+    from torchvision import datasets
+    from torchvision import transforms as T
+
+    return datasets.ImageFolder(str(split), T.Compose([T.ToTensor(), T.Normalize(mean, std)]))
+
+
+def _noise_tree(root: Path, counts: dict[str, int], size: int = 8, classes: int = 3) -> Path:
+    """root/<split>/c<k>/<i>.png with random RGB pixels (every crop/flip is distinguishable)."""
+    gen = torch.Generator().manual_seed(0)
+    for split, n in counts.items():
+        for k in range(classes):
+            folder = root / split / f"c{k}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                px = torch.randint(0, 256, (size, size, 3), generator=gen, dtype=torch.uint8)
+                Image.fromarray(px.numpy()).save(folder / f"{i}.png")
+    return root
+
+
+def test_imagefolder_tensors_match_torchvision(tmp_path: Path) -> None:
+    root = _noise_tree(tmp_path / "t", {"train": 4, "test": 2})
+    b = build_data(
+        f"imagefolder:{root}", root=tmp_path / "cache", input_size=8, batch_size=5, augment=False
+    )
+    ref = _torchvision_reference(root / "test", b.mean, b.std)
+    xs, ys = zip(*b.test, strict=True)
+    assert torch.allclose(torch.cat(xs), torch.stack([r[0] for r in ref]), atol=1e-5)
+    assert torch.cat(ys).tolist() == [r[1] for r in ref]
+    assert list((tmp_path / "cache" / "imagefolder").glob("test-*.pt"))  # cached, off-package
+
+
+def test_imagefolder_tensor_augment_is_pad_crop_and_flip(tmp_path: Path) -> None:
+    root = _noise_tree(tmp_path / "t", {"train": 4, "test": 1})
+    b = build_data(
+        f"imagefolder:{root}", root=tmp_path / "c", input_size=8, batch_size=12, val_fraction=0.0
+    )
+    ref = _torchvision_reference(root / "train", b.mean, b.std)
+    black = -torch.tensor(b.mean).view(3, 1, 1) / torch.tensor(b.std).view(3, 1, 1)
+    torch.manual_seed(0)
+    seen_flip = seen_shift = False
+    for _ in range(3):
+        ds = b.train.dataset
+        idx = list(range(12))
+        batch = ds.__getitems__(idx)  # type: ignore[attr-defined]
+        for i, (x, y) in zip(idx, batch, strict=True):
+            img, label = ref[i]
+            assert y == label
+            # torchvision RandomCrop(8, padding=1): zero (black) fill, then optional flip
+            padded = black.expand(3, 10, 10).clone()
+            padded[:, 1:9, 1:9] = img
+            windows = {
+                (t, left, f): (
+                    padded[:, t : t + 8, left : left + 8].flip(-1)
+                    if f
+                    else padded[:, t : t + 8, left : left + 8]
+                )
+                for t in range(3)
+                for left in range(3)
+                for f in (False, True)
+            }
+            match = [k for k, w in windows.items() if torch.allclose(w, x, atol=1e-5)]
+            assert match, f"image {i} is no pad-crop/flip of the original"
+            seen_flip |= any(k[2] for k in match)
+            seen_shift |= any(k[:2] != (1, 1) for k in match)
+    assert seen_flip and seen_shift  # each image draws its own crop and flip
+
+
+def test_imagefolder_val_split_and_cache_key(tmp_path: Path) -> None:
+    root = _noise_tree(tmp_path / "t", {"train": 4, "val": 3, "test": 2})
+    cache = tmp_path / "cache"
+    b = build_data(f"imagefolder:{root}", root=cache, input_size=8, batch_size=4, val_fraction=0.5)
+    assert b.val is not None
+    sizes = (len(b.train.dataset), len(b.val.dataset), len(b.test.dataset))  # type: ignore[arg-type]
+    assert sizes == (12, 9, 6)  # val/ replaces carving val_fraction out of train/
+    ref = _torchvision_reference(root / "val", b.mean, b.std)
+    assert torch.cat([y for _, y in b.val]).tolist() == [r[1] for r in ref]
+    none = build_data(f"imagefolder:{root}", root=cache, input_size=8, batch_size=4, val_fraction=0)
+    assert none.val is None and len(none.train.dataset) == 12  # type: ignore[arg-type]
+    # an edited image gets a new cache entry and its new pixels
+    before = set((cache / "imagefolder").glob("val-*.pt"))
+    assert len(before) == 1
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(root / "val" / "c0" / "0.png")
+    os.utime(root / "val" / "c0" / "0.png", ns=(1, 1))
+    again = build_data(f"imagefolder:{root}", root=cache, input_size=8, batch_size=4)
+    assert len(set((cache / "imagefolder").glob("val-*.pt"))) == 2
+    assert again.val is not None
+    x0 = again.val.dataset[0][0]  # type: ignore[index]
+    assert torch.allclose(x0, _torchvision_reference(root / "val", b.mean, b.std)[0][0], atol=1e-5)
+
+
+def test_imagefolder_val_classes_checked(tmp_path: Path) -> None:
+    root = _noise_tree(tmp_path / "t", {"train": 2, "val": 1, "test": 1})
+    (root / "val" / "c2").rename(root / "val" / "c9")
+    with pytest.raises(ValueError, match=r"only in val: \['c9'\]"):
+        build_data(f"imagefolder:{root}", root=tmp_path / "c", input_size=8, batch_size=2)

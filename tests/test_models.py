@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -311,3 +312,102 @@ def test_list_models_patterns() -> None:
     assert plain == list_models("resnet*")
     assert {"mnasnet_a1_100", "aa_mnasnet_a1_140", "wrn28_10", "aa_wrn28_10"} <= set(ALL)
     assert all(isinstance(get_spec(n), ArchSpec) for n in ALL)
+
+
+# --- CIFAR-sized MnasNets -----------------------------------------------------------------------
+
+CIFAR = list_models("*mnasnet_*_cifar_*")
+
+
+def test_cifar_names_registered() -> None:
+    for fam in ("a1", "b1"):
+        for w in ("050", "075", "100"):
+            assert {f"mnasnet_{fam}_cifar_{w}", f"aa_mnasnet_{fam}_cifar_{w}"} <= set(CIFAR)
+
+
+@pytest.mark.parametrize("name", CIFAR)
+def test_cifar_maps_are_4x4_and_attention_at_least_4x4(name: str) -> None:
+    model = create_model(name).eval()
+    assert (model.spec.input_size, model.spec.num_classes) == (32, 10)
+    seen: list[tuple[int, int]] = []
+    hooks = [
+        m.register_forward_hook(lambda _m, i, _o: seen.append(tuple(i[0].shape[-2:])))
+        for m in _aa_layers(model).values()
+    ]
+    with torch.no_grad():
+        feats = model.forward_features(torch.randn(2, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    assert feats.shape[-2:] == (4, 4)
+    if name.startswith("aa_"):
+        # the last 7 blocks, never on 2x2 or 1x1 maps: A1 c80, c112 x2 on 8x8, c160 x3 and c320
+        # on 4x4; B1 c96 x2 on 8x8, c192 x4 and c320 on 4x4
+        on_4x4 = 4 if "_a1_" in name else 5
+        assert sorted(seen) == [(4, 4)] * on_4x4 + [(8, 8)] * (7 - on_4x4)
+    else:
+        assert seen == []
+
+
+@pytest.mark.parametrize("fam", ["a1", "b1"])
+@pytest.mark.parametrize("width", ["050", "075", "100"])
+def test_aa_cifar_is_light(fam: str, width: str) -> None:
+    # Counted independently of aanas.cost: parameter tensors and FlopCounterMode at 32 px.
+    def params_macs(name: str) -> tuple[int, int]:
+        model = create_model(name).eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.randn(1, 3, 32, 32))
+        return _num_params(model), counter.get_total_flops() // 2
+
+    aa_params, aa_macs = params_macs(f"aa_mnasnet_{fam}_cifar_{width}")
+    params, macs = params_macs(f"mnasnet_{fam}_cifar_{width}")
+    # A1: +5.3..6.9 % params; B1 up to +8.1 % (see aanas/models/mnasnet_cifar.py); MACs <= +8 %
+    assert 1.0 < aa_params / params <= (1.07 if fam == "a1" else 1.085)
+    assert 1.0 < aa_macs / macs <= 1.08
+    from aanas.cost import count_spec
+
+    cost = count_spec(get_spec(f"aa_mnasnet_{fam}_cifar_{width}"))
+    # FlopCounterMode sees the attention matmuls differently from the analytical formula (a few
+    # thousand MACs of the relative logits); test_cost.py owns the exact cross-checks
+    assert cost.params == aa_params and cost.macs == pytest.approx(aa_macs, rel=1e-3)
+
+
+def test_aa_cifar_exports_to_onnx(tmp_path: Path) -> None:
+    from aanas.export import to_onnx
+
+    torch.manual_seed(0)
+    model = create_model("aa_mnasnet_a1_cifar_050")
+    model.train()
+    with torch.no_grad():  # a few batches give BN non-trivial running statistics
+        for _ in range(3):
+            model(torch.randn(8, 3, 32, 32))
+    report = to_onnx(model.eval(), tmp_path / "m.onnx", batch_sizes=(2,))
+    assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-3
+
+
+def test_cifar_space_samples_attend_on_at_least_4x4() -> None:
+    import numpy as np
+
+    from aanas.space import SearchSpace
+
+    space = SearchSpace.from_yaml("cifar_aa_mnasnet")
+    modes, augmented = set(), 0
+    for seed in range(100):
+        spec = space.sample(np.random.default_rng(seed))
+        assert (spec.input_size, spec.num_classes) == (32, 10)
+        plan = S.resolve(spec)
+        assert plan.blocks[-1].out_size == 4
+        for b in plan.blocks:
+            if b.dv:
+                augmented += 1
+                modes.add(b.aa_mode)
+                assert min(b.in_size, b.out_size) >= 4, (seed, b.name)
+        assert S.decode(S.encode(spec)) == spec
+    assert modes == {"spatial", "expansion", "projection"} and augmented > 100
+    # one sample builds, runs and is costed consistently
+    spec = space.sample(np.random.default_rng(3))
+    model = create_model(spec).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    from aanas.cost import count_spec
+
+    assert count_spec(spec).macs == pytest.approx(counter.get_total_flops() // 2, rel=1e-3)

@@ -337,6 +337,21 @@ def test_lr_schedules() -> None:
     assert lr_factor(cos, 999, 100) == pytest.approx(0.0, abs=1e-4)
 
 
+@pytest.mark.parametrize("warmup_epochs", [0.0, 1.5])
+def test_onecycle_matches_torch(warmup_epochs: float) -> None:
+    recipe = TrainRecipe(schedule="onecycle", epochs=4, lr=0.1, warmup_epochs=warmup_epochs)
+    steps = 10
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    pct = warmup_epochs / recipe.epochs if warmup_epochs else 0.3
+    ref = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=0.1, total_steps=40, pct_start=pct, cycle_momentum=False
+    )
+    for s in range(40):
+        assert 0.1 * lr_factor(recipe, s, steps) == pytest.approx(opt.param_groups[0]["lr"])
+        opt.step()
+        ref.step()
+
+
 def test_aa_mnasnet_keeps_the_final_learning_rate() -> None:
     # Bello et al.: augmented MnasNets use lr / 2 with a decay adjusted so the final lr is equal.
     base, aa = load_recipe("imagenet_mnasnet_a1"), load_recipe("imagenet_aa_mnasnet_a1")

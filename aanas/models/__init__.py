@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
+from aanas.models import mnasnet_cifar as _mnasnet_cifar  # noqa: F401  (registers CIFAR specs)
 from aanas.models._builder import ClassifierModel
 from aanas.models._registry import get_spec, list_models, register_arch
 from aanas.models.mnasnet import MnasNet

@@ -29,7 +29,7 @@ from aanas.models._registry import register_arch
 from aanas.ops.blocks import ConvBnAct
 from aanas.spec import AASpec, ArchSpec, BlockSpec, StemSpec, resolve
 
-__all__ = ["MnasNet", "augment_tail"]
+__all__ = ["LIGHT_AA", "LIGHT_AA_TAIL_BLOCKS", "MnasNet", "augment_tail"]
 
 # torchvision/models/mnasnet.py: "Paper suggests 0.9997 momentum, for TensorFlow. Equivalent
 # PyTorch momentum is 1.0 - tensorflow." Needed for running-stat parity with torchvision.
@@ -131,8 +131,8 @@ MNASNET_A1 = ArchSpec(
 # the longest tail of blocks that keeps every width within +6 % params / +8 % MACs of
 # MnasNet-A1: 7 blocks (the last c80 block, c112 x2, c160 x3, c320; 14x14 and 7x7 maps). The
 # old placement (depthwise stage of the last 10 blocks) cost +30 % params / +42 % MACs.
-_MNASNET_AA = AASpec(kappa=0.1, upsilon=0.05, heads=4, relative=True, mode="projection")
-_AA_TAIL_BLOCKS = 7
+LIGHT_AA = AASpec(kappa=0.1, upsilon=0.05, heads=4, relative=True, mode="projection")
+LIGHT_AA_TAIL_BLOCKS = 7
 
 
 def augment_tail(spec: ArchSpec, blocks: int, aa: AASpec) -> ArchSpec:
@@ -163,7 +163,7 @@ def augment_tail(spec: ArchSpec, blocks: int, aa: AASpec) -> ArchSpec:
     return dataclasses.replace(spec, stages=tuple(stages)).validate()
 
 
-AA_MNASNET_A1 = augment_tail(MNASNET_A1, _AA_TAIL_BLOCKS, _MNASNET_AA)
+AA_MNASNET_A1 = augment_tail(MNASNET_A1, LIGHT_AA_TAIL_BLOCKS, LIGHT_AA)
 
 # Tiny test arch (timm's test_efficientnet idea): 3 stages of 16-32 channels at 32x32, with
 # attention (2 heads) on the last stage's 4x4 maps, so list_models() sweeps stay fast.
