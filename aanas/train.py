@@ -532,6 +532,7 @@ class _State:
     criterion: nn.Module
     amp: bool
     steps_per_epoch: int
+    memory_format: torch.memory_format = torch.contiguous_format  # of the training inputs
 
 
 def _check_finite(loss: torch.Tensor, epoch: int, step: int, dev: torch.device) -> None:
@@ -569,7 +570,7 @@ def _train_one_epoch(
     for i, (x, y) in enumerate(loader):
         if i >= st.steps_per_epoch:
             break
-        x = x.to(dev, non_blocking=True)
+        x = x.to(dev, non_blocking=True, memory_format=st.memory_format)
         y = y.to(dev, non_blocking=True)
         with torch.autocast(dev.type, dtype=_amp_dtype(dev), enabled=st.amp):
             logits = st.net(x)
@@ -664,6 +665,8 @@ def fit(
         out.mkdir(parents=True, exist_ok=True)
 
     model.to(dev)
+    if recipe.channels_last:
+        model.to(memory_format=torch.channels_last)
     if recipe.bn_momentum > 0:
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -696,6 +699,7 @@ def fit(
         criterion=nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing),
         amp=recipe.amp and dev.type == "cuda",
         steps_per_epoch=steps,
+        memory_format=torch.channels_last if recipe.channels_last else torch.contiguous_format,
     )
     if recipe.amp and dev.type != "cuda":
         _LOG.info("amp requested but device is %s: training in fp32", dev)

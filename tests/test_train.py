@@ -266,6 +266,30 @@ def test_rmsprop_clip_smoothing_exponential(digits: DataBundle) -> None:
     assert math.isfinite(result["train_loss"]) and result["lr"] < recipe.lr
 
 
+def test_channels_last_trains_like_contiguous(digits: DataBundle) -> None:
+    # NHWC is a layout, not a different optimisation: two SGD steps of an AA-MnasNet (depthwise,
+    # SE and attention reshape NHWC inputs) must end at the NCHW run's weights up to round-off
+    # (measured 1e-7 after one step; at lr 0.1 round-off grows to ~3e-4 after four steps).
+    recipe = dataclasses.replace(FAST, max_train_batches=2, grad_clip=5.0)
+    states = {}
+    for channels_last in (False, True):
+        seed_everything(0)
+        model = aanas.models.create_model("test_aa_mnasnet", num_classes=10)
+        fit(
+            model,
+            digits,
+            dataclasses.replace(recipe, channels_last=channels_last),
+            progress=False,
+            evaluate_test=False,
+        )
+        conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+        states[channels_last] = {k: v.contiguous() for k, v in model.state_dict().items()}
+    for key, value in states[False].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(states[True][key], value, rtol=1e-4, atol=2e-5, msg=key)
+
+
 def test_weight_decay_excludes_bn_and_bias() -> None:
     model = TinyNet()
     groups = _param_groups(model, dataclasses.replace(FAST, wd_exclude_bn_bias=True))
