@@ -148,7 +148,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
         check_writable_dir(args.out, "--out")
 
-    from aanas.data import build_data
+    from aanas.data import build_recipe_data
     from aanas.models import create_model
     from aanas.train import fit, seed_everything, setup_distributed, teardown_distributed
 
@@ -156,19 +156,7 @@ def _run_train(args: argparse.Namespace) -> int:
     finished = False
     try:
         seed_everything(recipe.seed)
-        data = build_data(
-            recipe.data,
-            root=recipe.data_root,
-            input_size=recipe.input_size,
-            batch_size=recipe.batch_size,
-            val_fraction=recipe.val_fraction,
-            seed=recipe.seed,
-            download=recipe.download,
-            workers=recipe.workers,
-            pin_memory=recipe.pin_memory,
-            augment=recipe.augment,
-            distributed=ctx.world_size > 1,
-        )
+        data = build_recipe_data(recipe, distributed=ctx.world_size > 1)
         model = create_model(
             recipe.model, num_classes=data.num_classes, input_size=recipe.input_size
         )

@@ -45,7 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
-__all__ = ["DataBundle", "build_data", "DATA_NAMES", "default_data_root"]
+from aanas.config import TrainRecipe
+
+__all__ = ["DataBundle", "build_data", "build_recipe_data", "DATA_NAMES", "default_data_root"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -545,3 +547,24 @@ def build_data(
         bundle.num_classes,
     )
     return bundle
+
+
+def build_recipe_data(recipe: TrainRecipe, *, distributed: bool = False) -> DataBundle:
+    """The loaders ``recipe`` describes: every data field of a TrainRecipe, in one place.
+
+    ``aanas train``, ``reproduce`` and the benchmarks all train from recipes; building the
+    bundle here keeps a new data field (or its default) from reaching only some of them.
+    """
+    return build_data(
+        recipe.data,
+        root=recipe.data_root,
+        input_size=recipe.input_size,
+        batch_size=recipe.batch_size,
+        val_fraction=recipe.val_fraction,
+        seed=recipe.seed,
+        download=recipe.download,
+        workers=recipe.workers,
+        pin_memory=recipe.pin_memory,
+        augment=recipe.augment,
+        distributed=distributed,
+    )

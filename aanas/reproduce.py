@@ -366,7 +366,7 @@ def reproduce_mobile(
     """
     from aanas.cost import count, count_spec
     from aanas.cost import measure as measure_latency
-    from aanas.data import build_data
+    from aanas.data import build_recipe_data
     from aanas.models import create_model, get_spec
     from aanas.train import fit, seed_everything
 
@@ -400,18 +400,7 @@ def reproduce_mobile(
     num_classes = 0
     for seed in seeds:
         rec = dataclasses.replace(base_recipe, seed=seed)
-        bundle = build_data(
-            rec.data,
-            root=rec.data_root,
-            input_size=rec.input_size,
-            batch_size=rec.batch_size,
-            val_fraction=rec.val_fraction,
-            seed=seed,
-            download=rec.download,
-            workers=rec.workers,
-            pin_memory=rec.pin_memory,
-            augment=rec.augment,
-        )
+        bundle = build_recipe_data(rec)
         num_classes = bundle.num_classes
         if matched and len(plan) == 2:
             aa_spec = dataclasses.replace(

@@ -31,7 +31,7 @@ from torch import nn
 
 from aanas.config import TrainRecipe, load_recipe
 from aanas.cost import count_module, count_spec
-from aanas.data import build_data
+from aanas.data import build_recipe_data
 from aanas.models import create_model
 from aanas.train import fit, seed_everything
 
@@ -89,14 +89,7 @@ def baseline_recipe(data: str, epochs: int = 8, seed: int = 0) -> TrainRecipe:
 
 def _run(name: str, recipe: TrainRecipe) -> dict[str, Any]:
     seed_everything(recipe.seed)
-    data = build_data(
-        recipe.data,
-        input_size=32,
-        batch_size=recipe.batch_size,
-        val_fraction=recipe.val_fraction,
-        seed=recipe.seed,
-        augment=recipe.augment,
-    )
+    data = build_recipe_data(recipe)
     if name == "cnn":
         model: nn.Module = PlainCNN(data.num_classes)
         cost = count_module(model, 32)

@@ -44,7 +44,7 @@ import torch
 from aanas._io import atomic_open
 from aanas.config import SupernetRecipe, TrainRecipe, apply_overrides, load_recipe, recipe_to_dict
 from aanas.cost import count_spec
-from aanas.data import DataBundle, build_data
+from aanas.data import DataBundle, build_recipe_data
 from aanas.models import create_model
 from aanas.search.ranking import RankingReport, ranking_report, stratified_by_macs
 from aanas.space import SearchSpace
@@ -251,15 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = dataclasses.replace(recipe, data=args.data, input_size=space.base.input_size)
     base = apply_overrides(SupernetRecipe(), args.supernet_set)
     t0 = time.perf_counter()
-    data = build_data(
-        args.data,
-        input_size=space.base.input_size,
-        batch_size=recipe.batch_size,
-        val_fraction=recipe.val_fraction,
-        seed=recipe.seed,
-        workers=recipe.workers,
-        augment=recipe.augment,
-    )
+    data = build_recipe_data(recipe)  # the recipe now carries --data and the space's size
     if data.num_classes != space.base.num_classes:
         raise SystemExit(f"data has {data.num_classes} classes, space {space.base.num_classes}")
     specs = stratified_by_macs(space, args.archs, np.random.default_rng(args.seed))
