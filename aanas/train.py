@@ -62,6 +62,7 @@ from aanas.errors import CheckpointError
 
 __all__ = [
     "fit",
+    "validates_after",
     "evaluate",
     "recalibrate_bn",
     "lr_factor",
@@ -225,14 +226,15 @@ def _write_json(path: Path, obj: Any) -> None:
         fh.write("\n")
 
 
-def _append_metrics(out: Path, row: dict[str, Any]) -> None:
-    """Append one epoch to ``metrics.jsonl`` and ``metrics.csv`` (header on first write)."""
+def _append_metrics(out: Path, row: dict[str, Any], columns: list[str]) -> None:
+    """Append one epoch to ``metrics.jsonl`` and ``metrics.csv`` (header ``columns``, written
+    on first write: a row may lack validation values when ``val_every`` skipped them)."""
     with (out / "metrics.jsonl").open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(row, sort_keys=True) + "\n")
     csv_path = out / "metrics.csv"
     new = not csv_path.exists()
     with csv_path.open("a", encoding="utf-8", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(row), extrasaction="ignore")
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerow(row)
@@ -535,6 +537,13 @@ class _State:
     memory_format: torch.memory_format = torch.contiguous_format  # of the training inputs
 
 
+def validates_after(recipe: TrainRecipe, epoch: int) -> bool:
+    """Whether validation runs after 0-based ``epoch``: every ``val_every`` and after the last."""
+    if epoch + 1 == recipe.epochs:
+        return True
+    return recipe.val_every > 0 and (epoch + 1) % recipe.val_every == 0
+
+
 def _check_finite(loss: torch.Tensor, epoch: int, step: int, dev: torch.device) -> None:
     """Raise :class:`NonFiniteLossError` on every rank if any rank's loss is NaN/inf."""
     ok = torch.isfinite(loss.detach()).to(torch.float32)
@@ -751,9 +760,9 @@ def fit(
         metrics.update(_train_one_epoch(st, data.train, epoch, recipe, dev, show))
         metrics["lr"] = st.scheduler.get_last_lr()[0]
         eval_model = st.ema.module if st.ema is not None else model
-        if recipe.bn_recalibrate_batches:
+        if recipe.bn_recalibrate_batches and validates_after(recipe, epoch):
             recalibrate_bn(eval_model, data.train, recipe.bn_recalibrate_batches, dev)
-        if data.val is not None:
+        if data.val is not None and validates_after(recipe, epoch):
             val = evaluate(eval_model, data.val, dev, amp=st.amp)
             metrics["val_loss"], metrics["val_top1"] = val["loss"], val["top1"]
             if val["top1"] > best["best_val_top1"]:
@@ -768,7 +777,10 @@ def fit(
                 " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"),
             )
             if out is not None:
-                _append_metrics(out, metrics)
+                columns = list(metrics)
+                if data.val is not None:
+                    columns += [k for k in ("val_loss", "val_top1") if k not in metrics]
+                _append_metrics(out, metrics, columns)
                 extra = {**best, "last_metrics": metrics}
                 _save_checkpoint(out / _LAST, st, recipe, epoch + 1, extra)
                 if best["best_epoch"] == epoch:

@@ -226,6 +226,44 @@ def test_on_epoch_sees_validation_metrics(digits: DataBundle) -> None:
     assert "test_top1" not in result and result["val_top1"] == seen[-1][1]["val_top1"]
 
 
+@pytest.mark.parametrize(("val_every", "validated"), [(0, [2]), (2, [1, 2]), (1, [0, 1, 2])])
+def test_val_every_skips_validation_but_always_validates_the_last_epoch(
+    digits: DataBundle,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    val_every: int,
+    validated: list[int],
+) -> None:
+    import aanas.train as train_module
+
+    recipe = dataclasses.replace(FAST, epochs=3, max_train_batches=2, val_every=val_every)
+    calls: list[int] = []
+    seen: list[int] = []
+    real_evaluate = train_module.evaluate
+
+    def counting_evaluate(*args: Any, **kwargs: Any) -> dict[str, float]:
+        calls.append(len(seen))
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", counting_evaluate)
+    result = fit(
+        _model(),
+        digits,
+        recipe,
+        out_dir=tmp_path,
+        on_epoch=lambda e, m: seen.append(e if "val_top1" in m else -1),
+        evaluate_test=False,
+        progress=False,
+    )
+    assert [e for e in seen if e >= 0] == validated
+    assert len(calls) == len(validated)  # skipped epochs never touch the validation split
+    assert "val_top1" in result and result["best_epoch"] in validated
+    # the CSV header holds the validation columns even when the first epoch skipped them
+    header, *rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert "val_top1" in header.split(",") and len(rows) == 3
+    assert rows[-1].split(",")[header.split(",").index("val_top1")] != ""
+
+
 @pytest.mark.parametrize("ema_decay", [0.0, 0.9])
 def test_ema_on_off(digits: DataBundle, tmp_path: Path, ema_decay: float) -> None:
     recipe = dataclasses.replace(FAST, max_train_batches=3, ema_decay=ema_decay)

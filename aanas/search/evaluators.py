@@ -265,6 +265,7 @@ def train_recipe_for(recipe: SearchRecipe, input_size: int) -> Any:
         lr=recipe.train_lr if not recipe.train_recipe else base.lr,
         max_train_batches=recipe.max_train_batches,
         seed=recipe.seed,
+        val_every=1,  # the pruner reads validation accuracy after every epoch
     )
 
 
