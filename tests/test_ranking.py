@@ -172,13 +172,9 @@ def test_benchmark_cache_trains_only_what_changed(
     extra = next(
         s for s in (space.sample(np.random.default_rng(i)) for i in range(50)) if s not in specs
     )
-    again = bench.standalone_results(
-        [*specs, extra], None, recipe, bench.ResultCache(path), "cpu"
-    )
+    again = bench.standalone_results([*specs, extra], None, recipe, bench.ResultCache(path), "cpu")
     assert len(trained) == 4 and trained[-1] == extra.encode()
     assert [r["test_top1"] for r in again[:3]] == [r["test_top1"] for r in first]
-    bench.standalone_results(
-        specs[:1], None, TrainRecipe(epochs=2), bench.ResultCache(path), "cpu"
-    )
+    bench.standalone_results(specs[:1], None, TrainRecipe(epochs=2), bench.ResultCache(path), "cpu")
     assert len(trained) == 5
     assert len(json.loads(path.read_text())) == 5
