@@ -201,8 +201,12 @@ def run_searches(
             "sampler": recipe.sampler,
             "wall_s": RunDirectory(run_path).spent_s(),
             "states": counts,
-            # trials that trained or were evaluated (REJECTED ones are over budget, untrained)
-            "evaluated": counts.get("COMPLETE", 0) + counts.get("PRUNED", 0),
+            # trials that trained or were evaluated: REJECTED ones are over budget, untrained;
+            # a repeated architecture reuses its stored result (metrics["duplicate_of"])
+            "evaluated": sum(
+                r.state in ("COMPLETE", "PRUNED") and "duplicate_of" not in r.metrics
+                for r in outcome.results
+            ),
             "best": best.to_dict() if best is not None else None,
         }
         _write_json(out / "state.json", state)
@@ -364,7 +368,7 @@ def report_markdown(
 ) -> str:
     """``report.md``."""
     lines = [
-        "# Search vs hand design on the CIFAR-10 subset",
+        "# Search vs hand design",
         "",
         f"Data `{meta['data']}`; space `{meta['space']}`; MACs budget "
         f"{meta['budget_macs'] / 1e6:.2f}M (the smallest hand baseline); search budget "
