@@ -21,11 +21,14 @@ Phases, each resumable (kill it and rerun the same command: finished work is rea
 4. **Report**: ``report.md`` (table, goal, evaluator comparison), ``summary.json`` and
    ``pareto.png`` (accuracy vs MACs).
 
-    python benchmarks/search_vs_hand.py --threads 2                   # the real run (~3 h)
+    python benchmarks/search_vs_hand.py --threads 2                   # the real run (~4 h)
     python benchmarks/search_vs_hand.py --tiny                        # minutes: smoke run
 
 The real run is 3 x ``--budget-min`` of search plus 3 seeds x (3 baselines + 3 found models)
-trainings with the CPU recipe. Timings are wall-clock on whatever else the machine is doing.
+trainings with the CPU recipe: 135 min + about 3 x 32 min at the README's quiet-machine training
+times (an estimate; it has not been run in full). Timings are wall-clock on whatever else the
+machine is doing. The TPE search and the random search share the seed, so TPE's random start-up
+trials are the random search's first trials (common random numbers: they differ only after it).
 """
 
 from __future__ import annotations
