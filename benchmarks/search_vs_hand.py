@@ -122,7 +122,7 @@ def hand_baselines(space: SearchSpace) -> list[Candidate]:
         model = load_recipe(recipe_name).model
         spec = create_model(
             model, num_classes=space.base.num_classes, input_size=space.base.input_size
-        ).spec  # type: ignore[union-attr]
+        ).spec
         assert isinstance(spec, ArchSpec)
         out.append(Candidate(model, spec, "hand"))
     return out
