@@ -310,6 +310,7 @@ _SEARCH_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--search-alg", "sampler", "alias of --sampler (Ray Tune wording)"),
     ("--pruner", "pruner", "median | hyperband | none (train evaluator; Ray uses ASHA)"),
     ("--trials", "trials", "finished trials the study should reach (a rerun does the rest)"),
+    ("--timeout-min", "timeout_min", "wall-clock budget: no trial starts after it (0: off)"),
     ("--n-jobs", "n_jobs", "Optuna worker threads in this process"),
     ("--seed", "seed", "sampler seed (same seed, same suggested specs)"),
     ("--score", "score", "soft | hard (MnasNet reward) | pareto (NSGA-II) | accuracy"),

@@ -476,6 +476,10 @@ class SearchRecipe:
     sampler: str = "auto"  # one of SAMPLERS
     pruner: str = "median"  # one of PRUNERS (train evaluator only)
     trials: int = 40  # finished trials (COMPLETE + PRUNED + FAIL) the study should reach
+    # wall-clock budget in minutes (0: off), as Optuna's study.optimize(timeout=): no trial starts
+    # after it, running ones finish; counted from the start of `aanas search` (data, supernet
+    # training included) and summed over resumed runs (the run directory's time.json)
+    timeout_min: float = 0.0
     n_jobs: int = 1  # Optuna threads in this process (more processes may share --storage)
     seed: int = 0  # sampler seed; trial k trains/recalibrates with seed + k
     # --- score and budget ------------------------------------------------------------------------
@@ -536,6 +540,7 @@ class SearchRecipe:
             "gpus_per_trial",
             "supernet_lr",
             "train_lr",
+            "timeout_min",
         ):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -52,6 +51,9 @@ from aanas.spec import ArchSpec
 from aanas.supernet import SuperNet, recalibrate_bn, train_supernet
 from aanas.train import evaluate, fit, seed_everything
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling _bench_cache module
+from _bench_cache import ResultCache, digest  # noqa: E402
+
 # Ablation variants, in the order each adds one change (field overrides of the supernet recipe).
 VARIANTS: dict[str, dict[str, Any]] = {
     "uniform": {"rule": "uniform", "distill": False, "shrink": False},
@@ -72,41 +74,15 @@ _TINY = {
 }
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-class StandaloneCache:
-    """``{key: result}`` JSON file, rewritten atomically after every new result."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.entries: dict[str, dict[str, Any]] = {}
-        if path.is_file():
-            self.entries = json.loads(path.read_text(encoding="utf-8"))
-
-    @staticmethod
-    def key(spec: ArchSpec, recipe_digest: str) -> str:
-        return f"{spec.digest()}-{recipe_digest}"
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        return self.entries.get(key)
-
-    def put(self, key: str, value: dict[str, Any]) -> None:
-        self.entries[key] = value
-        with atomic_open(self.path, "w", encoding="utf-8") as fh:
-            json.dump(self.entries, fh, indent=1, sort_keys=True)
-
-
 def standalone_results(
     specs: list[ArchSpec],
     data: DataBundle,
     recipe: TrainRecipe,
-    cache: StandaloneCache,
+    cache: ResultCache,
     device: str,
 ) -> list[dict[str, Any]]:
     """Test top-1 of every spec trained from scratch (cached; only missing ones train)."""
-    recipe_digest = _digest(recipe_to_dict(recipe))
+    recipe_digest = digest(recipe_to_dict(recipe))
     out = []
     for i, spec in enumerate(specs):
         key = cache.key(spec, recipe_digest)
@@ -261,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         f"ground truth: {args.recipe} {' '.join(args.recipe_set)}",
         flush=True,
     )
-    cache = StandaloneCache(out / "standalone.json")
+    cache = ResultCache(out / "standalone.json")
     truth_rows = standalone_results(specs, data, recipe, cache, args.device)
     truth = [r["test_top1"] for r in truth_rows]
     t_standalone = sum(r["seconds"] for r in truth_rows)
@@ -270,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     for name, changes in variants.items():
         srecipe = dataclasses.replace(base, **changes)
-        sdigest = _digest(
+        sdigest = digest(
             {
                 "space": space.name,
                 "recipe": recipe_to_dict(srecipe),

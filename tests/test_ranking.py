@@ -165,20 +165,16 @@ def test_benchmark_cache_trains_only_what_changed(
     specs = stratified_by_macs(space, 3, np.random.default_rng(0))
     recipe = TrainRecipe(epochs=1)
     path = tmp_path / "c" / "standalone.json"
-    first = bench.standalone_results(specs, None, recipe, bench.StandaloneCache(path), "cpu")
+    first = bench.standalone_results(specs, None, recipe, bench.ResultCache(path), "cpu")
     assert len(trained) == 3 and [r["spec"] for r in first] == [s.encode() for s in specs]
     assert [p.name for p in path.parent.iterdir()] == ["standalone.json"]  # no temp files
     # a rerun reads everything back; one new architecture and a changed recipe train again
     extra = next(
         s for s in (space.sample(np.random.default_rng(i)) for i in range(50)) if s not in specs
     )
-    again = bench.standalone_results(
-        [*specs, extra], None, recipe, bench.StandaloneCache(path), "cpu"
-    )
+    again = bench.standalone_results([*specs, extra], None, recipe, bench.ResultCache(path), "cpu")
     assert len(trained) == 4 and trained[-1] == extra.encode()
     assert [r["test_top1"] for r in again[:3]] == [r["test_top1"] for r in first]
-    bench.standalone_results(
-        specs[:1], None, TrainRecipe(epochs=2), bench.StandaloneCache(path), "cpu"
-    )
+    bench.standalone_results(specs[:1], None, TrainRecipe(epochs=2), bench.ResultCache(path), "cpu")
     assert len(trained) == 5
     assert len(json.loads(path.read_text())) == 5

@@ -20,7 +20,7 @@ import pytest
 
 from aanas.cli import main
 from aanas.results import read_jsonl
-from aanas.search import Evaluation, Objective, SearchRecipe, run_search, show_run
+from aanas.search import Evaluation, Objective, RunDirectory, SearchRecipe, run_search, show_run
 from aanas.search.scoring import HARD_EXPONENTS, SOFT_EXPONENTS, Budget, Scorer, mnasnet_reward
 from aanas.space import SearchSpace
 
@@ -485,3 +485,112 @@ def test_engines_share_one_interface_and_the_package_init_only_reexports():
     assert 'engine == "' not in runner_src and "engine == '" not in runner_src
     defined = [p.name for p in pkg.glob("*.py") if "class TrialFailedError" in p.read_text()]
     assert defined == ["objective.py"]
+
+
+# --- wall-clock budget (--timeout-min) ---------------------------------------------------------
+
+
+class _TimedEvaluator(SpecEvaluator):
+    """SpecEvaluator that records the Unix time each evaluation starts and ends."""
+
+    def __init__(self, sleep: float) -> None:
+        super().__init__(sleep=sleep)
+        self.spans: list[tuple[float, float]] = []
+
+    def evaluate(self, spec, *, seed, report):
+        start = time.time()
+        try:
+            return super().evaluate(spec, seed=seed, report=report)
+        finally:
+            self.spans.append((start, time.time()))
+
+
+def _asked_times(out: Path) -> list[float]:
+    """Unix time at which each trial of the run directory's study was asked for."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    storage = JournalStorage(JournalFileBackend(str(out / "study.journal")))
+    study = optuna.load_study(study_name=out.resolve().name, storage=storage)
+    return [t.datetime_start.timestamp() for t in study.get_trials(deepcopy=False)]
+
+
+def _sessions(out: Path) -> list[list[float]]:
+    return sorted(json.loads((out / "time.json").read_text()).values())
+
+
+def test_timeout_no_trial_starts_after_the_deadline_and_resume_counts_spent_time(tmp_path):
+    out = tmp_path / "t"
+    budget_s = 2.5
+    ev = _TimedEvaluator(sleep=0.3)
+    first = run_search(
+        _fast(trials=1000, pruner="none", timeout_min=budget_s / 60),
+        out=out,
+        evaluator=ev,
+        progress=False,
+    )
+    (session,) = _sessions(out)
+    deadline = session[0] + budget_s  # the clock starts when run_search starts
+    assert 1 <= len(ev.spans) < 1000
+    asked = _asked_times(out)  # when Optuna created each trial: a trial "starts" there
+    # (a spec proposed twice reuses the first result: asked >= evaluated)
+    assert len(asked) >= len(ev.spans) and all(t < deadline for t in asked)
+    # the trial running at the deadline finished instead of being cut, and the search ran
+    # until the deadline, not shorter
+    assert [r.state for r in first.results] == ["COMPLETE"] * len(asked)
+    assert session[1] >= max(deadline, ev.spans[-1][1])  # the ledger covers the whole session
+
+    # A rerun with the same budget finds it spent: nothing new is evaluated.
+    again = _TimedEvaluator(sleep=0.3)
+    second = run_search(
+        _fast(trials=1000, pruner="none", timeout_min=budget_s / 60),
+        out=out,
+        evaluator=again,
+        progress=False,
+    )
+    assert again.spans == [] and len(second.results) == len(first.results)
+
+    # A larger budget resumes with only what is left of it (earlier sessions count).
+    more = _TimedEvaluator(sleep=0.3)
+    spent = RunDirectory(out).spent_s()
+    assert spent >= budget_s
+    third = run_search(
+        _fast(trials=1000, pruner="none", timeout_min=(spent + 2.0) / 60),
+        out=out,
+        evaluator=more,
+        progress=False,
+    )
+    start3 = max(s[0] for s in _sessions(out))
+    asked3 = _asked_times(out)[len(asked) :]
+    assert more.spans and asked3 and all(t < start3 + 2.0 for t in asked3)
+    assert len(third.results) == len(asked) + len(asked3)
+
+
+def test_spent_time_is_the_union_of_sessions(tmp_path):
+    run_dir = RunDirectory(tmp_path).create()
+    assert run_dir.spent_s() == 0.0
+    run_dir.record_session("a", 0.0, 10.0)
+    run_dir.record_session("b", 5.0, 20.0)  # a concurrent worker: overlap counted once
+    run_dir.record_session("c", 30.0, 35.0)  # a later resumed run: added
+    assert run_dir.spent_s() == 25.0
+    run_dir.record_session("c", 30.0, 40.0)  # a session extends its own interval
+    assert run_dir.spent_s() == 30.0 and run_dir.spent_s(exclude="c") == 20.0
+
+
+def test_timeout_flag_and_bad_value(tmp_path, capsys):
+    with pytest.raises(ValueError, match="timeout_min"):
+        SearchRecipe(timeout_min=-1)
+    code = main(["search", "--timeout-min", "abc", "--out", str(tmp_path / "x"), "--no-progress"])
+    assert code == 2 and "timeout_min" in capsys.readouterr().err
+
+
+def test_ray_engine_refuses_a_timeout_before_starting_ray(tmp_path):
+    from aanas.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="timeout_min"):
+        run_search(
+            _fast(engine="ray", timeout_min=1.0),
+            out=tmp_path / "ray",
+            evaluator=SpecEvaluator(),
+            progress=False,
+        )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,8 @@ class SearchContext:
         run_dir: the run directory.
         study_name: name of the study/experiment (many workers share it).
         evaluator: a custom evaluator replacing the one the recipe names (tests, predictors).
+        deadline: Unix time after which no new trial may start (``--timeout-min``; None: no
+            limit). Running trials finish, as with Optuna's ``study.optimize(timeout=...)``.
     """
 
     space: Any
@@ -55,6 +58,11 @@ class SearchContext:
     run_dir: RunDirectory
     study_name: str
     evaluator: Evaluator | None = None
+    deadline: float | None = None
+
+    def out_of_time(self) -> bool:
+        """True once the wall-clock budget is spent: start no new trial."""
+        return self.deadline is not None and time.time() >= self.deadline
 
     @property
     def supernet_path(self) -> Path | None:

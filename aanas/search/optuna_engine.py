@@ -265,6 +265,7 @@ class OptunaEngine(SearchEngine):
         self._active_lock = threading.Lock()
         self._stop = threading.Event()
         self._told_waiting = threading.Event()  # the "waiting for running trials" line, once
+        self._told_timeout = threading.Event()  # the "budget spent" line, once
 
     # -- storage, locks, liveness ---------------------------------------------------------------
 
@@ -452,6 +453,11 @@ class OptunaEngine(SearchEngine):
                 trials = study.get_trials(deepcopy=False)
             done = sum(1 for t in trials if counted(t))
             if done >= self.recipe.trials:
+                return None
+            if self.ctx.out_of_time():  # --timeout-min: running trials finish, none starts
+                if not self._told_timeout.is_set():
+                    self._told_timeout.set()
+                    _LOG.info("wall-clock budget spent: no new trial starts (%d done)", done)
                 return None
             running = sum(1 for t in trials if t.state == TrialState.RUNNING)
             if done + running >= self.recipe.trials:
@@ -650,7 +656,8 @@ class OptunaEngine(SearchEngine):
         return marked
 
     def run(self, objective: Objective | None, on_trial: OnTrial) -> list[TrialResult]:
-        """Work on the study until it has ``recipe.trials`` counted trials; return all records."""
+        """Work on the study until it has ``recipe.trials`` counted trials, or until the
+        wall-clock budget is spent (no trial starts after it); return all records."""
         assert objective is not None, "the Optuna engine runs trials in this process"
         self.objective = objective
         self.on_trial = on_trial

@@ -322,6 +322,13 @@ class RayEngine(SearchEngine):
 
     def check(self) -> None:
         """Start or join Ray now: an unreachable ``--address`` fails before any training."""
+        if self.recipe.timeout_min > 0:
+            # Tune's time_budget_s stops the RUNNING trials at the deadline, unlike Optuna's
+            # timeout (they finish): refused rather than given other semantics silently.
+            raise RecipeError(
+                f"timeout_min={self.recipe.timeout_min!r}: the ray engine has no wall-clock "
+                "budget yet; use --engine optuna"
+            )
         self._init_ray()
 
     def _worker_context(self) -> _TrialContext:

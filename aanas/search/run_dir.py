@@ -14,6 +14,9 @@
       best/model.pt     {"spec": str, "state_dict": ...} trained or supernet-inherited weights
       best/metrics.json the best TrialResult
       supernet.pt       trained supernet (supernet evaluator), reused when the search resumes
+      time.json         wall-clock interval of every `aanas search` session on this directory
+                        (the --timeout-min budget counts their union: resumed runs add up,
+                        concurrent workers do not)
       study.journal     Optuna journal storage (optuna engine, default --storage; runs made
                         before it keep their study.db)
       ray/              Ray Tune experiment folder (ray engine)
@@ -50,6 +53,7 @@ from aanas.results import (
     write_csv,
     write_jsonl,
 )
+from aanas.search._locks import FileLock
 
 if TYPE_CHECKING:
     from aanas.train import Checkpoint
@@ -172,6 +176,11 @@ class RunDirectory:
         return self.path / "study.journal"
 
     @property
+    def time_json(self) -> Path:
+        """``{session id: [start, end]}`` in Unix seconds (:meth:`record_session`)."""
+        return self.path / "time.json"
+
+    @property
     def models_dir(self) -> Path:
         """Per-spec weights of trained candidates (train evaluator), keyed by spec digest."""
         return self.path / "models"
@@ -193,6 +202,47 @@ class RunDirectory:
             return {}
         data: dict[str, Any] = json.loads(self.run_json.read_text(encoding="utf-8"))
         return data
+
+    # -- wall-clock budget ---------------------------------------------------------------------
+
+    def _read_sessions(self) -> dict[str, list[float]]:
+        if not self.time_json.is_file():
+            return {}
+        data: dict[str, list[float]] = json.loads(self.time_json.read_text(encoding="utf-8"))
+        return data
+
+    def record_session(self, session: str, start: float, end: float) -> None:
+        """Set session ``session``'s interval to [start, end] (Unix seconds) in ``time.json``.
+
+        Read-modify-write under a file lock, so workers sharing the directory keep each
+        other's sessions; the write itself is atomic.
+        """
+        with FileLock(self.path / ".time.lock"):
+            sessions = self._read_sessions()
+            sessions[session] = [float(start), float(end)]
+            atomic_write_text(self.time_json, json.dumps(sessions, indent=1, sort_keys=True) + "\n")
+
+    def spent_s(self, *, exclude: str | None = None) -> float:
+        """Wall-clock seconds the sessions in ``time.json`` cover (their union), optionally
+        without session ``exclude``.
+
+        Union, not sum: two workers running at once spend the same minutes. Example: sessions
+        [0, 10], [5, 20] and [30, 35] cover 20 + 5 = 25 s.
+        """
+        spans = sorted(tuple(v) for k, v in self._read_sessions().items() if k != exclude)
+        total = 0.0
+        cur_start: float | None = None
+        cur_end = 0.0
+        for start, end in spans:
+            if cur_start is None or start > cur_end:
+                if cur_start is not None:
+                    total += cur_end - cur_start
+                cur_start, cur_end = start, end
+            else:
+                cur_end = max(cur_end, end)
+        if cur_start is not None:
+            total += cur_end - cur_start
+        return total
 
     # -- trials ------------------------------------------------------------------------------
 

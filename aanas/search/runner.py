@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -130,6 +132,28 @@ class _Progress:
             self.bar.close()
 
 
+class _SessionClock:
+    """This session's wall-clock interval in the run directory's ``time.json`` and the deadline
+    of ``--timeout-min`` (time spent by earlier sessions on the directory counts).
+
+    The interval is rewritten after the supernet is ready, after every trial and at the end, so
+    a killed session loses at most the unfinished trial's time from the ledger.
+    """
+
+    def __init__(self, run_dir: RunDirectory, timeout_min: float, start: float) -> None:
+        self.run_dir = run_dir
+        self.start = start
+        self.session = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
+        spent = run_dir.spent_s()
+        self.deadline = start + 60.0 * timeout_min - spent if timeout_min > 0 else None
+        if self.deadline is not None and spent > 0:
+            _LOG.info("resumed run: %.1f of %.1f min already spent", spent / 60.0, timeout_min)
+
+    def touch(self) -> None:
+        """Record [start, now] for this session."""
+        self.run_dir.record_session(self.session, self.start, time.time())
+
+
 def _validate_baselines(names: Sequence[str]) -> None:
     """Unknown ``--baselines`` names fail at start-up, before the supernet or any trial."""
     from aanas.models import get_spec
@@ -214,11 +238,13 @@ def run_search(
     from aanas.space import SearchSpace
 
     start = time.perf_counter()
+    start_unix = time.time()
     space = SearchSpace.from_yaml(recipe.space)
     _validate_baselines(recipe.baselines)
     latency_fns(recipe)  # a bad latency table fails here, not in every trial
     run_dir = RunDirectory(out or Path("runs") / default_run_name(recipe)).create()
     _check_resume(run_dir, recipe)
+    clock = _SessionClock(run_dir, recipe.timeout_min, start_unix)
     scorer = Scorer.from_recipe(recipe, default_target_macs=_default_target_macs(space, _count))
     multi = scorer.multi_objective
     ctx = SearchContext(
@@ -228,6 +254,7 @@ def run_search(
         run_dir=run_dir,
         study_name=recipe.study_name or run_dir.path.resolve().name,
         evaluator=evaluator,
+        deadline=clock.deadline,
     )
     engine = get_engine(recipe.engine)(ctx)
     engine.check()  # fail fast on a bad --storage / cluster, before any training
@@ -259,6 +286,7 @@ def run_search(
     )
     if evaluator is None and recipe.evaluator == "supernet":
         supernet = _prepare_supernet(recipe, space, data, run_dir, device)
+        clock.touch()  # its training time is spent even if this session is killed later
 
     def in_process_objective() -> Objective:
         return build_objective(
@@ -283,6 +311,7 @@ def run_search(
     def on_trial(record: TrialResult) -> None:
         log.add(record)
         bar.update([record])
+        clock.touch()
 
     try:
         results = engine.run(objective, on_trial)
@@ -294,6 +323,7 @@ def run_search(
         raise
     finally:
         bar.close()
+        clock.touch()
 
     # Baselines and best weights need an in-process evaluator (Ray: rebuilt here once).
     if objective is None:
