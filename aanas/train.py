@@ -59,6 +59,7 @@ from aanas._io import atomic_open, load_torch_file
 from aanas.config import TrainRecipe, recipe_to_dict
 from aanas.data import DataBundle
 from aanas.errors import CheckpointError
+from aanas.models import zero_init_residual
 
 __all__ = [
     "fit",
@@ -382,6 +383,9 @@ def _make_optimizer(model: nn.Module, recipe: TrainRecipe) -> torch.optim.Optimi
         return torch.optim.SGD(
             groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov
         )
+    if recipe.optimizer == "adamw":
+        # decoupled weight decay (Loshchilov & Hutter); momentum is Adam's beta1
+        return torch.optim.AdamW(groups, lr=recipe.lr, betas=(recipe.momentum, 0.999))
     # TF RMSProp (MnasNet) adds eps inside the sqrt and starts the square average at 1;
     # torch adds it outside and starts at 0, so recipes set eps ~ sqrt(TF eps) and use warm-up.
     return torch.optim.RMSprop(
@@ -673,6 +677,9 @@ def fit(
     if out is not None and is_main:
         out.mkdir(parents=True, exist_ok=True)
 
+    if recipe.zero_init_residual and resume is None:
+        zeroed = zero_init_residual(model)
+        _LOG.info("zero_init_residual: %d residual branches start as the identity", zeroed)
     model.to(dev)
     if recipe.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -21,6 +21,7 @@ from aanas.models import (
     load_torchvision_state_dict,
     register_arch,
     torchvision_key,
+    zero_init_residual,
 )
 from aanas.ops.attention import AAConv2d
 from aanas.ops.blocks import InvertedResidual, PreActBasicBlock, SqueezeExcite
@@ -120,6 +121,34 @@ def test_torchvision_key_examples() -> None:
         torchvision_key("layers.2.weight", "mnasnet")
     with pytest.raises(ValueError, match="wrn"):
         torchvision_key("fc.weight", "wrn")
+
+
+def _zero_bn_scales(state: dict[str, torch.Tensor]) -> set[str]:
+    return {k for k, v in state.items() if k.endswith(".weight") and v.ndim == 1 and not v.any()}
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_zero_init_residual_matches_torchvision(name: str) -> None:
+    model = create_model(name)
+    assert zero_init_residual(model) == {"resnet18": 8, "resnet50": 16}[name]
+    reference = getattr(torchvision.models, name)(zero_init_residual=True)
+    expected = {torchvision_key(k, "resnet") for k in _zero_bn_scales(reference.state_dict())}
+    assert _zero_bn_scales(model.state_dict()) == expected
+
+
+def test_zero_init_residual_makes_every_skip_block_the_identity() -> None:
+    torch.manual_seed(0)
+    model = create_model("mnasnet_a1_cifar_050").train()
+    residual = [m for m in model.modules() if getattr(m, "residual", None) is True]
+    assert zero_init_residual(model) == len(residual) == 9
+    seen: list[bool] = []
+    for block in residual:
+        block.register_forward_hook(lambda m, i, o: seen.append(torch.equal(o, i[0])))
+    model(torch.randn(4, 3, 32, 32))
+    assert seen == [True] * 9
+    # blocks without a skip (stride 2 or a channel change) keep their BN scale
+    first = model.blocks[1][0]
+    assert not first.residual and first.bn3.weight.abs().min() > 0
 
 
 def test_from_torchvision_rejects_unsupported() -> None:

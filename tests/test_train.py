@@ -24,6 +24,7 @@ from aanas.data import DataBundle, build_data
 from aanas.errors import CheckpointError
 from aanas.train import (
     NonFiniteLossError,
+    _make_optimizer,
     _param_groups,
     evaluate,
     fit,
@@ -226,6 +227,24 @@ def test_on_epoch_sees_validation_metrics(digits: DataBundle) -> None:
     assert "test_top1" not in result and result["val_top1"] == seen[-1][1]["val_top1"]
 
 
+def test_zero_init_residual_applies_to_fresh_runs_only(
+    digits: DataBundle, tmp_path: Path, tiny: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import aanas.train as train_module
+
+    zeroed: list[int] = []
+    real = train_module.zero_init_residual
+    monkeypatch.setattr(train_module, "zero_init_residual", lambda m: zeroed.append(real(m)) or 0)
+    recipe = dataclasses.replace(FAST, max_train_batches=1, zero_init_residual=True)
+    model = aanas.models.create_model(tiny, input_size=16)
+    fit(model, digits, recipe, out_dir=tmp_path, evaluate_test=False, progress=False)
+    assert zeroed == [2]  # the tiny spec's skip blocks: ds c16 (16 -> 16) and the 2nd c32
+    resumed = aanas.models.create_model(tiny, input_size=16)
+    recipe2 = dataclasses.replace(recipe, epochs=2)
+    fit(resumed, digits, recipe2, resume=tmp_path / "last.pt", evaluate_test=False, progress=False)
+    assert zeroed == [2]  # a resume keeps the trained scales
+
+
 @pytest.mark.parametrize(("val_every", "validated"), [(0, [2]), (2, [1, 2]), (1, [0, 1, 2])])
 def test_val_every_skips_validation_but_always_validates_the_last_epoch(
     digits: DataBundle,
@@ -302,6 +321,21 @@ def test_rmsprop_clip_smoothing_exponential(digits: DataBundle) -> None:
     )
     result = fit(_model(), digits, recipe, progress=False, evaluate_test=False)
     assert math.isfinite(result["train_loss"]) and result["lr"] < recipe.lr
+
+
+def test_adamw_decouples_decay_and_learns(digits: DataBundle) -> None:
+    recipe = dataclasses.replace(
+        FAST, optimizer="adamw", lr=1e-2, weight_decay=0.05, momentum=0.8, wd_exclude_bn_bias=True
+    )
+    opt = _make_optimizer(_model(), recipe)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+    assert all(g["betas"] == (0.8, 0.999) for g in opt.param_groups)
+    model = _model()
+    assert digits.val is not None
+    before = evaluate(model, digits.val, "cpu")["loss"]
+    fit(model, digits, recipe, progress=False, evaluate_test=False)
+    assert evaluate(model, digits.val, "cpu")["loss"] < before - 1.0
 
 
 def test_channels_last_trains_like_contiguous(digits: DataBundle) -> None:

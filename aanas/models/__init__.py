@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 
 from aanas.models import mnasnet_cifar as _mnasnet_cifar  # noqa: F401  (registers CIFAR specs)
-from aanas.models._builder import ClassifierModel
+from aanas.models._builder import ClassifierModel, zero_init_residual
 from aanas.models._registry import get_spec, list_models, register_arch
 from aanas.models.mnasnet import MnasNet
 from aanas.models.resnet import ResNet
@@ -34,6 +34,7 @@ __all__ = [
     "load_torchvision_state_dict",
     "register_arch",
     "torchvision_key",
+    "zero_init_residual",
 ]
 
 _FAMILY_MODELS: dict[str, type[ClassifierModel]] = {

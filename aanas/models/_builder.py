@@ -36,6 +36,7 @@ __all__ = [
     "build_blocks",
     "build_stem",
     "init_weights",
+    "zero_init_residual",
 ]
 
 NormFn = Callable[[int], nn.Module]
@@ -201,6 +202,32 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
         elif isinstance(m, AAConv2d):
             m.reset_rel_parameters()
+
+
+# The BatchNorm that closes each residual branch (PreActBasicBlock's branch ends in a conv).
+_LAST_BN: dict[type[nn.Module], str] = {
+    InvertedResidual: "bn3",
+    DepthwiseSeparable: "bn2",
+    BasicBlock: "bn2",
+    Bottleneck: "bn3",
+}
+
+
+def zero_init_residual(model: nn.Module) -> int:
+    """Zero the scale of the BatchNorm closing every residual branch; returns how many.
+
+    Each residual block then starts as the identity, so a deep network begins shallow and its
+    first SGD steps are not spent taming the sum of many random branches (Goyal et al. 2017,
+    "Accurate, Large Minibatch SGD", section 5.1; torchvision's ``zero_init_residual``). Blocks
+    without a skip connection keep their initialisation: zeroing them would cut the signal.
+    """
+    count = 0
+    for module in model.modules():
+        name = _LAST_BN.get(type(module))
+        if name is not None and module.residual:
+            nn.init.zeros_(getattr(module, name).weight)
+            count += 1
+    return count
 
 
 class ClassifierModel(nn.Module):
