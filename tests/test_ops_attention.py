@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import aanas.ops.attention as attention
-from aanas.ops import _fused_cpu
 from aanas.ops import (
     AAConv2d,
+    _fused_cpu,
     aa_channels,
     attention_input,
     central_rel_rows,
