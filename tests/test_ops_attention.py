@@ -719,7 +719,8 @@ def test_fused_two_threads_equal_one_thread() -> None:
 
 
 def test_fused_propagates_nan_and_inf() -> None:
-    """-ffast-math must not hide a NaN/inf (what GradScaler and anomaly checks look for)."""
+    """-ffast-math must not hide a NaN/inf (what GradScaler and anomaly checks look for):
+    non-finite inputs take the chunked path; a NaN gradient runs through the kernel."""
     for bad in (float("nan"), float("inf")):
         q, k, v, rel_w, rel_h = _core_inputs(1, 2, 3, 2, 4, 5)
         with torch.no_grad():
@@ -728,6 +729,16 @@ def test_fused_propagates_nan_and_inf() -> None:
         expected = relative_attention(q, k, v, 2, rel_w, rel_h, impl="simple")
         assert torch.equal(torch.isnan(out), torch.isnan(expected))
         assert not torch.isfinite(out).all()
+    # A NaN in the incoming gradient (finite forward: the kernel runs) reaches the same grads.
+    inputs = _core_inputs(1, 2, 3, 2, 4, 5)
+    grads = []
+    for impl in ("fused", "simple"):
+        out = relative_attention(*inputs[:3], 2, *inputs[3:], impl=impl)
+        grad = torch.zeros_like(out)
+        grad[0, 1, 2, 3] = float("nan")
+        grads.append(torch.autograd.grad(out, inputs, grad))
+    for g, e in zip(*grads, strict=True):
+        assert torch.isnan(g).any() and torch.equal(torch.isnan(g), torch.isnan(e))
 
 
 def test_fused_builds_into_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

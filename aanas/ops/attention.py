@@ -602,6 +602,8 @@ def _relative_attention(
 
     if impl == "fused" and not _fused_cpu.available():
         impl = "chunked"  # _fused_cpu warned once why
+    if impl == "fused" and not _fused_cpu.inputs_finite(q, k, v, key_rel_w, key_rel_h):
+        impl = "chunked"  # NaN/inf: exact IEEE semantics (the kernel assumes finite inputs)
     if impl == "fused":
         t_h = t_w = None
         if key_rel_w is not None and key_rel_h is not None:
