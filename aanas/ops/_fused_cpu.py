@@ -61,7 +61,9 @@ _log = logging.getLogger(__name__)
 # contiguous: q, k (BN, d, HW) with q already scaled; v (BN, c, HW); rh (BN, HW, H) and
 # rw (BN, HW, W) the relative logits of each query against every key row / key column;
 # out (BN, c, HW); lse (BN, HW). Rows are independent in forward (parallel over BN * HW);
-# backward accumulates dk, dv per (batch, head) and runs in parallel over BN.
+# backward accumulates dk, dv per (batch, head) and runs in parallel over BN. Both loops hand
+# out work dynamically: on a shared machine a thread that loses its core for a while then
+# holds up the others less than with a static split.
 _BODY = r"""
 /* rh[x'] = q_i . tH[x' - x + H - 1], rw[y'] = q_i . tW[y' - y + W - 1] for query i = (x, y);
    the tables come transposed, (d, 2L - 1), so that both loops run along contiguous rows. */
@@ -100,7 +102,7 @@ void aa_fwd_SUFFIX(const scalar_t* q, const scalar_t* k, const scalar_t* v, cons
                    const scalar_t* tw, scalar_t* out, scalar_t* lse, long bn, long d, long c,
                    long h, long w, int rel, int nt) {
   const long hw = h * w;
-  #pragma omp parallel for num_threads(nt) schedule(static)
+  #pragma omp parallel for num_threads(nt) schedule(dynamic, 16)
   for (long r = 0; r < bn * hw; ++r) {
     const long n = r / hw, i = r % hw;
     const scalar_t* qn = q + n * d * hw;
