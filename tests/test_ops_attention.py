@@ -782,3 +782,27 @@ def test_fused_errors() -> None:
     meta = q.to("meta")
     with pytest.raises(ValueError, match="impl='fused' needs .* on meta"):
         relative_attention(meta, meta, meta, 2, impl="fused")
+
+
+def test_fused_large_maps_and_nonfinite_run_chunked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Maps over MAX_POSITIONS and NaN/inf inputs never reach the kernel."""
+    calls: list[int] = []
+    original = _fused_cpu._FusedRelAttention.apply
+
+    def spy(*args: Any) -> Any:
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(_fused_cpu._FusedRelAttention, "apply", spy)
+    q, k, v, rel_w, rel_h = _core_inputs(1, 2, 3, 2, 4, 5)
+    relative_attention(q, k, v, 2, rel_w, rel_h, impl="fused")
+    assert calls == [1]
+    monkeypatch.setattr(_fused_cpu, "MAX_POSITIONS", 19)  # the map has 20 positions
+    out = relative_attention(q, k, v, 2, rel_w, rel_h, impl="fused")
+    assert calls == [1]
+    torch.testing.assert_close(out, relative_attention(q, k, v, 2, rel_w, rel_h, impl="simple"))
+    monkeypatch.setattr(_fused_cpu, "MAX_POSITIONS", 20)
+    with torch.no_grad():
+        k[0, 0, 0, 0] = float("inf")
+    relative_attention(q, k, v, 2, rel_w, rel_h, impl="fused")
+    assert calls == [1]

@@ -53,9 +53,14 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-__all__ = ["available", "fused_relative_attention", "inputs_finite"]
+__all__ = ["MAX_POSITIONS", "available", "fused_relative_attention", "inputs_finite"]
 
 _log = logging.getLogger(__name__)
+
+# Largest map (H * W) the kernel takes: it keeps a few rows of HW values on each thread's stack
+# (backward: 2 * HW, 256 KiB in float64 at this size, well inside the 2 MiB+ thread stacks).
+# 128 x 128 maps already mean 2**28 logits per head and image; larger ones run chunked.
+MAX_POSITIONS = 128 * 128
 
 # One body, instantiated for float and double (double serves gradcheck). Layouts, all
 # contiguous: q, k (BN, d, HW) with q already scaled; v (BN, c, HW); rh (BN, HW, H) and

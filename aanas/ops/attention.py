@@ -16,11 +16,12 @@ the formula in forward and backward:
   for ONNX export and small problems.
 * ``"chunked"``: a custom autograd function that processes a few query rows at a time and
   recomputes each chunk's logits and softmax in backward (flash-attention style), so neither the
-  logits, their gradient nor the softmax output is ever stored whole. The default for training
-  on CPU from small sizes up, and on CUDA where memory limits (see :func:`relative_attention`).
+  logits, their gradient nor the softmax output is ever stored whole. Used for training on CUDA
+  where memory limits, and on CPU where the fused kernel is unavailable (see
+  :func:`relative_attention`).
 * ``"fused"``: CPU only, a small C kernel (:mod:`aanas.ops._fused_cpu`, built once per machine)
   that does the whole softmax attention one query row at a time in cache, forward and backward;
-  no ``(HW)^2`` tensor at all. The default for CPU training where it builds (2x the chunked
+  no ``(HW)^2`` tensor at all. The default for CPU training where it builds (2.5x the chunked
   path's speed at 28x28); the chunked path is its fallback.
 * ``"sdpa"``: ``F.scaled_dot_product_attention`` with the relative logits as an additive mask.
 * ``"flex"``: CUDA ``flex_attention`` with the relative logits as a score modification.
@@ -602,6 +603,8 @@ def _relative_attention(
 
     if impl == "fused" and not _fused_cpu.available():
         impl = "chunked"  # _fused_cpu warned once why
+    if impl == "fused" and hw > _fused_cpu.MAX_POSITIONS:
+        impl = "chunked"  # the kernel keeps rows of HW values on each thread's stack
     if impl == "fused" and not _fused_cpu.inputs_finite(q, k, v, key_rel_w, key_rel_h):
         impl = "chunked"  # NaN/inf: exact IEEE semantics (the kernel assumes finite inputs)
     if impl == "fused":
