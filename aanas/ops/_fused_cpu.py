@@ -27,7 +27,8 @@ the kernel; their thin matmuls and the strided view's backward cost a third of i
 
 The C source is compiled once per machine with the system C compiler (``cc``/``gcc``;
 ``-O3 -march=native -ffast-math -fopenmp``) into ``$AANAS_KERNEL_CACHE`` (default
-``~/.cache/aanas/kernels``), named by a hash of source and flags, written atomically so that
+``~/.cache/aanas/kernels``), named by a hash of source, flags, compiler and the CPU's feature
+flags, written atomically so that
 concurrent processes are safe, and loaded with :mod:`ctypes`. If anything fails (no compiler,
 read-only cache, unsupported platform) :func:`available` returns False after one warning and
 callers fall back to the chunked path.
