@@ -68,7 +68,7 @@ def _models(
     plain = create_model(names[0], input_size=size).to(device).train()
     torch.manual_seed(0)
     aa = create_model(names[1], input_size=size).to(device).train()
-    models = [plain]
+    models: list[nn.Module] = [plain]
     for impl in impls:
         model = copy.deepcopy(aa)
         for layer in model.modules():
