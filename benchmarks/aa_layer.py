@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from aanas.ops.attention import (
+    ATTENTION_IMPLS,
     AAConv2d,
     _auto_impl,
     aa_channels,
@@ -227,7 +228,7 @@ class Result:
     path: str
 
 
-def run_case(case: Case, device: torch.device, repeats: int) -> Result:
+def run_case(case: Case, device: torch.device, repeats: int, impl: str = "auto") -> Result:
     """Checks that both implementations agree, then times and profiles them."""
     torch.manual_seed(0)
     layer = AAConv2d(
@@ -246,7 +247,9 @@ def run_case(case: Case, device: torch.device, repeats: int) -> Result:
     grad = torch.randn(case.batch, case.channels, case.size, case.size, device=device)
 
     logits = case.batch * case.num_heads * (case.size**2) ** 2
-    path = _auto_impl(x, logits, needs_grad=True)  # what attention_impl="auto" picks
+    # What attention_impl="auto" picks, or the path asked for.
+    path = _auto_impl(x, logits, needs_grad=True) if impl == "auto" else impl
+    layer.attention_impl = path
 
     def ref() -> list[Tensor]:
         return _step(lambda t: appendix_forward(layer, t), x, grad, params)
@@ -299,6 +302,8 @@ def sweep(case: Case, device: torch.device, repeats: int) -> None:
     x.requires_grad_(True)
     grad = torch.randn_like(x)
     settings: list[tuple[str, int | None]] = [("simple", None), ("chunked", None)]
+    if device.type == "cpu":
+        settings.append(("fused", None))
     settings += [("chunked", r) for r in (1, 2, 4, 7, 14) if r < case.size]
     for impl, rows in settings:
         layer.attention_impl, layer.chunk_rows = impl, rows
@@ -315,6 +320,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per block")
     parser.add_argument("--quick", action="store_true", help="main size only, fewer repeats")
     parser.add_argument("--sweep", action="store_true", help="also time several chunk sizes")
+    parser.add_argument(
+        "--impl", choices=ATTENTION_IMPLS, default="auto", help="AAConv2d path to time"
+    )
     parser.add_argument(
         "--clock",
         choices=("wall", "cpu"),
@@ -341,7 +349,7 @@ def main() -> None:
     print(header, flush=True)
     results = []
     for case in _cases(args.quick):
-        res = run_case(case, device, repeats)
+        res = run_case(case, device, repeats, args.impl)
         results.append(res)
         print(
             f"  {case.name}: appendix {res.ref_ms:.1f} ms / {res.ref_mb:.1f} MiB, AAConv2d "

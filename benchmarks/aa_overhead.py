@@ -10,11 +10,14 @@ speed hits both, and the ratio of the medians is printed beside the ratio of ana
 loaded machine the wall clock also counts the time other processes hold the cores, while the
 CPU time of a one-thread run does not (with more threads it also counts OpenMP spin-waits).
 ``--profile`` prints a ``torch.profiler`` table (self CPU time by op) of one AA step.
+``--attention-impl fused,chunked`` times the AA model once per path (same weights), all
+interleaved with the plain model in one loop, so the paths are compared under the same load.
 
 Usage::
 
     python benchmarks/aa_overhead.py --threads 2 --batch 8 --input-size 224
     python benchmarks/aa_overhead.py --threads 1 --clock cpu --profile
+    python benchmarks/aa_overhead.py --threads 1 --clock cpu --attention-impl fused,chunked
     python benchmarks/aa_overhead.py --device cuda --batch 64 --amp
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -56,14 +60,21 @@ def _time(model: nn.Module, x: torch.Tensor, amp: bool, clock: Callable[[], floa
     return clock() - start
 
 
-def _models(names: Sequence[str], size: int, device: torch.device, impl: str) -> list[nn.Module]:
-    """The pair's models in train mode, with every AA layer set to ``impl``."""
+def _models(
+    names: Sequence[str], size: int, device: torch.device, impls: Sequence[str]
+) -> list[nn.Module]:
+    """The plain model, then one AA model per path in ``impls`` (equal weights), train mode."""
     torch.manual_seed(0)
-    models = [create_model(n, input_size=size).to(device).train() for n in names]
-    for m in models:
-        for layer in m.modules():
+    plain = create_model(names[0], input_size=size).to(device).train()
+    torch.manual_seed(0)
+    aa = create_model(names[1], input_size=size).to(device).train()
+    models: list[nn.Module] = [plain]
+    for impl in impls:
+        model = copy.deepcopy(aa)
+        for layer in model.modules():
             if isinstance(layer, AAConv2d):
                 layer.attention_impl = impl
+        models.append(model)
     return models
 
 
@@ -109,13 +120,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     parser.add_argument(
-        "--attention-impl", choices=ATTENTION_IMPLS, default="auto", help="AAConv2d path"
+        "--attention-impl",
+        default="auto",
+        help=f"AAConv2d path, or several joined by commas (of {', '.join(ATTENTION_IMPLS)})",
     )
     parser.add_argument(
         "--pairs", default="all", choices=("all", "mnasnet", "resnet"), help="which pairs"
     )
     parser.add_argument("--profile", action="store_true", help="profile one AA step per pair")
     args = parser.parse_args(argv)
+    impls = args.attention_impl.split(",")
+    for impl in impls:
+        if impl not in ATTENTION_IMPLS:
+            parser.error(f"--attention-impl: {impl!r} is not one of {ATTENTION_IMPLS}")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
@@ -123,22 +140,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
         f"device={device} threads={torch.get_num_threads()} batch={args.batch} "
         f"input={args.input_size} amp={args.amp} clock={args.clock} "
-        f"impl={args.attention_impl} torch={torch.__version__} "
+        f"impl={','.join(impls)} torch={torch.__version__} "
         f"(median of {args.iters}, alternated)"
     )
-    print("| plain | AA | plain img/s | AA img/s | AA / plain step time | AA / plain MACs |")
+    print("| plain | AA (path) | plain img/s | AA img/s | AA / plain step time | AA / plain MACs |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     x = torch.randn(args.batch, 3, args.input_size, args.input_size, device=device)
     profiles = []
     for names in pairs:
-        models = _models(names, args.input_size, device, args.attention_impl)
+        models = _models(names, args.input_size, device, impls)
         macs = [count(n, args.input_size).macs for n in names]
-        t_plain, t_aa = bench_pair(models, x, args.warmup, args.iters, args.amp, clock)
-        print(
-            f"| {names[0]} | {names[1]} | {args.batch / t_plain:.1f} | "
-            f"{args.batch / t_aa:.1f} | {t_aa / t_plain:.3f}x | {macs[1] / macs[0]:.3f}x |",
-            flush=True,
-        )
+        t_plain, *t_aas = bench_pair(models, x, args.warmup, args.iters, args.amp, clock)
+        for impl, t_aa in zip(impls, t_aas, strict=True):
+            print(
+                f"| {names[0]} | {names[1]} ({impl}) | {args.batch / t_plain:.1f} | "
+                f"{args.batch / t_aa:.1f} | {t_aa / t_plain:.3f}x | {macs[1] / macs[0]:.3f}x |",
+                flush=True,
+            )
         if args.profile:
             profiles.append((names[1], profile_step(models[1], x, args.amp, 20)))
     for name, table in profiles:

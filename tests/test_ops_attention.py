@@ -19,6 +19,7 @@ from torch import Tensor, nn
 import aanas.ops.attention as attention
 from aanas.ops import (
     AAConv2d,
+    _fused_cpu,
     aa_channels,
     attention_input,
     central_rel_rows,
@@ -201,6 +202,11 @@ def _forward_and_grads(layer: AAConv2d, x: Tensor, grad: Tensor) -> list[Tensor]
         ("chunked", True, 1, True, (6, 6), None),
         ("sdpa", True, 1, False, (5, 7), None),
         ("sdpa", False, 2, True, (9, 8), None),
+        ("fused", True, 1, False, (5, 7), None),
+        ("fused", True, 1, False, (7, 5), None),
+        ("fused", False, 1, False, (5, 7), None),
+        ("fused", True, 2, True, (9, 8), None),
+        ("fused", True, 1, True, (1, 6), None),
     ],
 )
 def test_fused_paths_equal_simple(
@@ -256,6 +262,11 @@ def test_auto_path_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     layer.attention_impl = "simple"
     layer(x)
     assert calls == [1]
+    assert attention._auto_impl(x, 1 << 30, needs_grad=True) == "fused"
+    assert attention._auto_impl(x.float(), 1 << 30, needs_grad=True) == "fused"
+    assert attention._auto_impl(x.bfloat16(), 1 << 30, needs_grad=True) == "chunked"
+    assert attention._auto_impl(x, 1 << 30, needs_grad=False) == "simple"
+    monkeypatch.setattr(attention._fused_cpu, "available", lambda: False)
     assert attention._auto_impl(x, 1 << 30, needs_grad=True) == "chunked"
 
 
@@ -264,7 +275,7 @@ def test_auto_path_selection(monkeypatch: pytest.MonkeyPatch) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("impl", "rows"), [("simple", None), ("chunked", 2)])
+@pytest.mark.parametrize(("impl", "rows"), [("simple", None), ("chunked", 2), ("fused", None)])
 def test_gradcheck_layer_input_and_tables(impl: str, rows: int | None) -> None:
     layer = _layer(cin=3, cout=5, dk=4, dv=4)
     layer.attention_impl, layer.chunk_rows = impl, rows
@@ -281,7 +292,9 @@ def test_gradcheck_layer_input_and_tables(impl: str, rows: int | None) -> None:
     assert torch.autograd.gradcheck(fn, (x, rel_w, rel_h))
 
 
-@pytest.mark.parametrize(("impl", "rows"), [("simple", None), ("chunked", 1), ("sdpa", None)])
+@pytest.mark.parametrize(
+    ("impl", "rows"), [("simple", None), ("chunked", 1), ("sdpa", None), ("fused", None)]
+)
 def test_gradcheck_functional_core(impl: str, rows: int | None) -> None:
     torch.manual_seed(1)
 
@@ -306,7 +319,7 @@ def _rel_norm_err(got: Tensor, expected: Tensor) -> float:
     return ((got.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
-@pytest.mark.parametrize("impl", ["simple", "chunked", "sdpa"])
+@pytest.mark.parametrize("impl", ["simple", "chunked", "sdpa", "fused"])
 def test_autocast_bfloat16_cpu_forward_and_backward(impl: str) -> None:
     layer = _layer(dk=8, dv=6).float()
     layer.attention_impl, layer.chunk_rows = impl, 2
@@ -323,7 +336,7 @@ def test_autocast_bfloat16_cpu_forward_and_backward(impl: str) -> None:
         assert _rel_norm_err(g, e) < 0.03
 
 
-@pytest.mark.parametrize("impl", ["simple", "chunked", "sdpa"])
+@pytest.mark.parametrize("impl", ["simple", "chunked", "sdpa", "fused"])
 def test_autocast_functional_core_mixed_dtypes(impl: str) -> None:
     """bfloat16 q/k/v with float32 tables: the case whose chunked backward used to fail."""
     torch.manual_seed(2)
@@ -343,7 +356,7 @@ def test_autocast_functional_core_mixed_dtypes(impl: str) -> None:
         assert _rel_norm_err(g, e) < 0.02
 
 
-@pytest.mark.parametrize("impl", ["simple", "chunked", "sdpa"])
+@pytest.mark.parametrize("impl", ["simple", "chunked", "sdpa", "fused"])
 def test_autocast_float16_logits_do_not_overflow(impl: str) -> None:
     """Logits of ~1e5 exceed float16's 65504: the float32 attention must still be exact."""
     torch.manual_seed(3)
@@ -654,3 +667,142 @@ def test_flex_needs_cuda() -> None:
     q = torch.randn(1, 4, 3, 3)
     with pytest.raises(ValueError, match="impl='flex' needs CUDA tensors, got device cpu"):
         relative_attention(q, q, q, 2, impl="flex")
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused C kernel (aanas.ops._fused_cpu): build, fallback, threads, float32, special values
+# ---------------------------------------------------------------------------------------------
+
+
+def _core_inputs(b: int, heads: int, dkh: int, dvh: int, h: int, w: int) -> list[Tensor]:
+    torch.manual_seed(4)
+    q, k = (torch.randn(b, heads * dkh, h, w, requires_grad=True) for _ in range(2))
+    v = torch.randn(b, heads * dvh, h, w, requires_grad=True)
+    rel_w, rel_h = (torch.randn(2 * n + 1, dkh, requires_grad=True) for n in (w, h))
+    return [q, k, v, rel_w, rel_h]
+
+
+def _core_out_and_grads(inputs: list[Tensor], heads: int, impl: str) -> list[Tensor]:
+    q, k, v, rel_w, rel_h = inputs
+    out = relative_attention(q, k, v, heads, rel_w, rel_h, impl=impl)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    return [out, *torch.autograd.grad(out, inputs, grad)]
+
+
+def test_fused_kernel_is_built_here() -> None:
+    """Where a C compiler exists (CI, this project's machines), the fast path must not be lost
+    silently to the fallback."""
+    if _fused_cpu._compiler() is None:
+        pytest.skip("no C compiler on PATH: the chunked fallback is tested below")
+    assert _fused_cpu.available()
+
+
+def test_fused_float32_odd_sizes_match_simple() -> None:
+    """Thin heads as in AA-ResNet-50 (dk/Nh = 3, dv/Nh = 2), odd sizes that no vector width
+    divides, float32 (the vectorised exp): equal to the simple path."""
+    inputs = _core_inputs(2, 4, 3, 2, 11, 13)
+    expected = _core_out_and_grads(inputs, 4, "simple")
+    got = _core_out_and_grads(inputs, 4, "fused")
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=2e-5)
+
+
+def test_fused_two_threads_equal_one_thread() -> None:
+    """The OpenMP loops split rows (forward) and (batch, head) pairs (backward): each output
+    element is written by one thread in a fixed order, so the results are bitwise equal."""
+    inputs = _core_inputs(2, 3, 4, 2, 6, 7)
+    one = _core_out_and_grads(inputs, 3, "fused")
+    torch.set_num_threads(2)  # the autouse fixture restores the count
+    two = _core_out_and_grads(inputs, 3, "fused")
+    for a, b in zip(one, two, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_fused_propagates_nan_and_inf() -> None:
+    """-ffast-math must not hide a NaN/inf (what GradScaler and anomaly checks look for):
+    non-finite inputs take the chunked path; a NaN gradient runs through the kernel."""
+    for bad in (float("nan"), float("inf")):
+        q, k, v, rel_w, rel_h = _core_inputs(1, 2, 3, 2, 4, 5)
+        with torch.no_grad():
+            q[0, 0, 1, 2] = bad
+        out = relative_attention(q, k, v, 2, rel_w, rel_h, impl="fused")
+        expected = relative_attention(q, k, v, 2, rel_w, rel_h, impl="simple")
+        assert torch.equal(torch.isnan(out), torch.isnan(expected))
+        assert not torch.isfinite(out).all()
+    # A NaN in the incoming gradient (finite forward: the kernel runs) reaches the same grads.
+    inputs = _core_inputs(1, 2, 3, 2, 4, 5)
+    grads = []
+    for impl in ("fused", "simple"):
+        out = relative_attention(*inputs[:3], 2, *inputs[3:], impl=impl)
+        grad = torch.zeros_like(out)
+        grad[0, 1, 2, 3] = float("nan")
+        grads.append(torch.autograd.grad(out, inputs, grad))
+    for g, e in zip(*grads, strict=True):
+        assert torch.isnan(g).any() and torch.equal(torch.isnan(g), torch.isnan(e))
+
+
+def test_fused_builds_into_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh cache folder gets one library file (atomic rename, no temporary left)."""
+    if _fused_cpu._compiler() is None:
+        pytest.skip("no C compiler on PATH")
+    monkeypatch.setenv("AANAS_KERNEL_CACHE", str(tmp_path / "kernels"))
+    lib = _fused_cpu._build()
+    files = sorted(p.name for p in (tmp_path / "kernels").iterdir())
+    assert len(files) == 1 and files[0].startswith("aa_fused_") and files[0].endswith(".so")
+    assert lib.aa_fwd_f32 is not None and lib.aa_bwd_f64 is not None
+    assert _fused_cpu._build()._name == lib._name  # second call reuses the file
+
+
+def test_fused_falls_back_to_chunked_with_one_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AANAS_KERNEL_CACHE", str(tmp_path / "kernels"))
+    monkeypatch.setattr(_fused_cpu, "_compiler", lambda: None)
+    _fused_cpu._library.cache_clear()
+    try:
+        inputs = _core_inputs(1, 2, 3, 2, 5, 6)
+        expected = _core_out_and_grads(inputs, 2, "chunked")
+        with pytest.warns(RuntimeWarning, match="no C compiler found .* using the chunked"):
+            got = _core_out_and_grads(inputs, 2, "fused")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once only
+            assert not _fused_cpu.available()
+            assert attention._auto_impl(inputs[0], 1 << 30, needs_grad=True) == "chunked"
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e)
+    finally:
+        monkeypatch.undo()
+        _fused_cpu._library.cache_clear()
+
+
+def test_fused_errors() -> None:
+    q = torch.randn(1, 4, 3, 3)
+    with pytest.raises(ValueError, match="impl='fused' needs float32/float64 CPU tensors"):
+        relative_attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), 2, impl="fused")
+    meta = q.to("meta")
+    with pytest.raises(ValueError, match="impl='fused' needs .* on meta"):
+        relative_attention(meta, meta, meta, 2, impl="fused")
+
+
+def test_fused_large_maps_and_nonfinite_run_chunked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Maps over MAX_POSITIONS and NaN/inf inputs never reach the kernel."""
+    calls: list[int] = []
+    original = _fused_cpu._FusedRelAttention.apply
+
+    def spy(*args: Any) -> Any:
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(_fused_cpu._FusedRelAttention, "apply", spy)
+    q, k, v, rel_w, rel_h = _core_inputs(1, 2, 3, 2, 4, 5)
+    relative_attention(q, k, v, 2, rel_w, rel_h, impl="fused")
+    assert calls == [1]
+    monkeypatch.setattr(_fused_cpu, "MAX_POSITIONS", 19)  # the map has 20 positions
+    out = relative_attention(q, k, v, 2, rel_w, rel_h, impl="fused")
+    assert calls == [1]
+    torch.testing.assert_close(out, relative_attention(q, k, v, 2, rel_w, rel_h, impl="simple"))
+    monkeypatch.setattr(_fused_cpu, "MAX_POSITIONS", 20)
+    with torch.no_grad():
+        k[0, 0, 0, 0] = float("inf")
+    relative_attention(q, k, v, 2, rel_w, rel_h, impl="fused")
+    assert calls == [1]
