@@ -71,7 +71,7 @@ MOBILE_PAIR: tuple[str, str] = ("mnasnet_a1_100", "aa_mnasnet_a1_100")
 # The same pair sized for 32x32 inputs (used when the recipe's input_size <= _CIFAR_MAX_INPUT).
 MOBILE_PAIR_CIFAR: tuple[str, str] = ("mnasnet_a1_cifar_100", "aa_mnasnet_a1_cifar_100")
 _CIFAR_MAX_INPUT = 64
-DEFAULT_WIDTH = 0.5  # the CIFAR recipes' width: 0.81M params / 24.6M MACs at 32x32
+DEFAULT_WIDTH = 0.5  # the CIFAR recipes' width: 0.81M params / 30.0M MACs at 32x32
 DEFAULT_SEEDS = (0, 1, 2)
 # Widths tried for the MACs-matched baseline: steps of 1/400 from the pair's width up to 2x.
 _WIDTH_STEP = 0.0025
@@ -209,8 +209,8 @@ def macs_matched_width(
     Widths from ``width`` to ``2 * width`` in steps of 0.0025 are costed analytically
     (:func:`aanas.cost.count_spec`, no model is built); channel rounding to multiples of 8
     makes MACs a step function of the width, so the closest step wins (ties: the narrower).
-    Example: MnasNet-A1-CIFAR at width 0.5 has 24.6M MACs; AA-MnasNet-A1-CIFAR 25.7M; the
-    matched plain width is about 0.52.
+    Example: MnasNet-A1-CIFAR at width 0.5 has 30.0M MACs; AA-MnasNet-A1-CIFAR 31.1M; the
+    matched plain width is 0.525 (31.08M).
     """
     from aanas.cost import count_spec
     from aanas.models import get_spec
