@@ -63,7 +63,6 @@ from aanas.models import zero_init_residual
 
 __all__ = [
     "fit",
-    "validates_after",
     "evaluate",
     "recalibrate_bn",
     "lr_factor",
@@ -541,7 +540,7 @@ class _State:
     memory_format: torch.memory_format = torch.contiguous_format  # of the training inputs
 
 
-def validates_after(recipe: TrainRecipe, epoch: int) -> bool:
+def _validates_after(recipe: TrainRecipe, epoch: int) -> bool:
     """Whether validation runs after 0-based ``epoch``: every ``val_every`` and after the last."""
     if epoch + 1 == recipe.epochs:
         return True
@@ -767,9 +766,10 @@ def fit(
         metrics.update(_train_one_epoch(st, data.train, epoch, recipe, dev, show))
         metrics["lr"] = st.scheduler.get_last_lr()[0]
         eval_model = st.ema.module if st.ema is not None else model
-        if recipe.bn_recalibrate_batches and validates_after(recipe, epoch):
+        validate = _validates_after(recipe, epoch)
+        if recipe.bn_recalibrate_batches and validate:
             recalibrate_bn(eval_model, data.train, recipe.bn_recalibrate_batches, dev)
-        if data.val is not None and validates_after(recipe, epoch):
+        if data.val is not None and validate:
             val = evaluate(eval_model, data.val, dev, amp=st.amp)
             metrics["val_loss"], metrics["val_top1"] = val["loss"], val["top1"]
             if val["top1"] > best["best_val_top1"]:
