@@ -189,7 +189,11 @@ def _add_profile(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     p.add_argument("model", nargs="?", help="registered model name or spec string")
     p.add_argument("--input-size", type=int, help="square input side (default: the spec's)")
-    p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"), help="runtime")
+    p.add_argument(
+        "--backend",
+        choices=("onnxruntime", "torch"),
+        help="runtime (default: onnxruntime on cpu, the latency tables' reference; torch on cuda)",
+    )
     p.add_argument("--threads", type=int, default=1, help="intra-op threads")
     p.add_argument("--batch", type=int, default=1, help="batch size")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (torch backend)")
@@ -212,6 +216,8 @@ def _run_profile(args: argparse.Namespace) -> int:
     from aanas._io import check_writable_file
     from aanas.cost import LatencyTable, count, measure
 
+    if args.backend is None:
+        args.backend = "onnxruntime" if args.device == "cpu" else "torch"
     if args.build_lut:
         check_writable_file(args.out, "--out")  # before minutes of measuring, not after
         table = None
@@ -320,6 +326,11 @@ _SEARCH_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--max-latency-ms", "max_latency_ms", "hard latency budget in ms; 0: off"),
     ("--latency", "latency", "auto | off | measure | predict"),
     ("--latency-table", "latency_table", "latency LUT YAML for --latency predict"),
+    (
+        "--latency-backend",
+        "latency_backend",
+        "onnxruntime (as the latency tables) | torch: runtime that times --latency measure",
+    ),
     ("--supernet", "supernet", "load this trained supernet.pt instead of training one"),
     ("--supernet-epochs", "supernet_epochs", "supernet training epochs"),
     ("--recal-batches", "recal_batches", "BN recalibration batches per candidate"),

@@ -34,6 +34,7 @@ __all__ = [
     "COST_METRICS",
     "ENGINES",
     "EVALUATORS",
+    "LATENCY_BACKENDS",
     "LATENCY_MODES",
     "PRUNERS",
     "SAMPLERS",
@@ -455,9 +456,13 @@ SAMPLERS: tuple[str, ...] = ("auto", "tpe", "nsga2", "random")
 # Early stopping of `train` candidates: Optuna MedianPruner / HyperbandPruner; Ray uses ASHA for
 # both (none: never stop early).
 PRUNERS: tuple[str, ...] = ("median", "hyperband", "none")
-# off: no latency; measure: time every candidate (torch, 1 thread, batch 1, disk cache);
-# predict: a latency table; auto: measure when a latency target or budget is set, else off.
+# off: no latency; measure: time every candidate (latency_backend, 1 thread, batch 1, disk
+# cache); predict: a latency table; auto: measure when a latency target or budget is set, else off.
 LATENCY_MODES: tuple[str, ...] = ("auto", "off", "measure", "predict")
+# Runtime that times candidates for latency=measure. onnxruntime is also the reference backend of
+# the latency tables (aanas profile --build-lut), so measured and predicted latencies of one
+# search mean the same thing; torch times the eager PyTorch model instead.
+LATENCY_BACKENDS: tuple[str, ...] = ("onnxruntime", "torch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -495,6 +500,7 @@ class SearchRecipe:
     latency: str = "auto"  # one of LATENCY_MODES
     latency_table: str | None = None  # YAML LUT for latency=predict (aanas.cost.LatencyTable)
     latency_threads: int = 1  # intra-op threads while timing (mobile-style single core)
+    latency_backend: str = "onnxruntime"  # one of LATENCY_BACKENDS (latency=measure)
     # --- supernet evaluator ----------------------------------------------------------------------
     supernet: str | None = None  # load this trained supernet instead of training one
     # sandwich-rule epochs on the training split: 10 on digits take ~75 s on 2 CPU cores and
@@ -535,6 +541,7 @@ class SearchRecipe:
         _check_choice("pruner", self.pruner, PRUNERS)
         _check_choice("score", self.score, SCORES)
         _check_choice("latency", self.latency, LATENCY_MODES)
+        _check_choice("latency_backend", self.latency_backend, LATENCY_BACKENDS)
         for name in (
             "target_macs",
             "target_latency_ms",

@@ -34,6 +34,7 @@ Scales (the recipe and data decide everything; see ``aanas reproduce mobile --he
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -60,7 +61,9 @@ __all__ = [
     "format_table",
     "macs_matched_width",
     "paired_t_test",
+    "read_run_record",
     "reproduce_mobile",
+    "run_identity",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -112,6 +115,11 @@ class ReproduceRow:
     latency_ms: float  # median of the timed runs
     latency_iqr_ms: float
     runs: tuple[dict[str, Any], ...]  # fit() metrics per seed (plus "seed")
+
+    @property
+    def train_minutes(self) -> tuple[float, ...]:
+        """fit()'s wall-clock training time per seed, in minutes (as recorded by the run)."""
+        return tuple(float(r.get("time_s", math.nan)) / 60 for r in self.runs)
 
     @property
     def top1(self) -> tuple[float, ...]:
@@ -245,6 +253,14 @@ def _pm(values: Sequence[float]) -> str:
     return f"{mean:.2f}{spread} (n={len(values)})"
 
 
+def _minutes(values: Sequence[float]) -> str:
+    """``[6.1, 6.4, 6.2] -> '6.2 (max 6.4)'``: the mean, and the slowest run against a budget."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return "n/a"
+    return f"{statistics.fmean(finite):.1f} (max {max(finite):.1f})"
+
+
 def _na(value: float | None, fmt: str = "{:.1f}") -> str:
     return "n/a" if value is None else fmt.format(value)
 
@@ -262,16 +278,17 @@ def format_table(result: ReproduceResult) -> str:
     """The Markdown table (ours beside the paper's) and its footnotes."""
     backend = result.latency_backend
     head = (
-        "| model | params (M) | MACs (M) | latency (ms) | test top-1 (%) | "
+        "| model | params (M) | MACs (M) | latency (ms) | test top-1 (%) | train (min/run) | "
         "paper params (M) | paper MACs (M) | paper ImageNet top-1 (%) |"
     )
-    lines = [head, "|" + "---|" * 8]
+    lines = [head, "|" + "---|" * 9]
     for row in result.rows:
         ref = PAPER_REFERENCE.get(row.model, {}) if row.width == 1.0 else {}
         lines.append(
             f"| {row.label} | {row.params / 1e6:.3f} | {row.macs / 1e6:.1f} | "
             f"{row.latency_ms:.2f} ± {row.latency_iqr_ms:.2f} | "
-            f"{_pm([100 * t for t in row.top1])} | {_na(ref.get('params_m'))} | "
+            f"{_pm([100 * t for t in row.top1])} | {_minutes(row.train_minutes)} | "
+            f"{_na(ref.get('params_m'))} | "
             f"{_na(ref.get('macs_m'), '{:.0f}')} | {_na(ref.get('top1'))} |"
         )
     r = result.recipe
@@ -293,7 +310,8 @@ def format_table(result: ReproduceResult) -> str:
         + (f", at most {r.max_train_batches} steps/epoch" if r.max_train_batches else "")
         + f", batch {r.batch_size}, {r.optimizer} lr {r.lr:g}); seeds "
         f"{', '.join(map(str, result.seeds))}; device {result.device}; "
-        f"{result.time_s / 60:.1f} min.",
+        f"{sum(sum(row.train_minutes) for row in result.rows):.1f} min of training "
+        f"(fit() wall time per run, as recorded), {result.time_s / 60:.1f} min this invocation.",
         f"Params/MACs: aanas.cost at {r.input_size}x{r.input_size}, {result.num_classes} classes "
         f"(MACs = multiply-adds). Latency: median ± IQR, {backend}, 1 thread, batch 1, "
         "this machine (shared: indicative only).",
@@ -313,6 +331,35 @@ def _check_seeds(seeds: Sequence[int]) -> tuple[int, ...]:
     if len(set(out)) != len(out):
         raise ValueError(f"seeds: duplicates in {list(out)}")
     return out
+
+
+def run_identity(recipe: TrainRecipe, spec: str) -> str:
+    """What decides one training run's result: the full recipe (seed included) and the spec.
+
+    A stored record is reused only under the same identity, so changing any recipe field,
+    the data, the seed or the architecture trains again.
+    """
+    blob = json.dumps({"recipe": recipe_to_dict(recipe), "spec": spec}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def read_run_record(path: Path, identity: str) -> dict[str, Any] | None:
+    """The stored metrics of a finished run (``OUT/runs/<model>_w<width>/seed<k>.json``).
+
+    None when there is none, it is unreadable or it belongs to another recipe/spec (logged):
+    that run is trained again and its record overwritten.
+    """
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        _LOG.warning("reproduce: ignoring unreadable run record %s (%s)", path, exc)
+        return None
+    if not isinstance(stored, dict) or stored.pop("identity", None) != identity:
+        _LOG.info("reproduce: %s is from another recipe or spec; training again", path)
+        return None
+    return stored
 
 
 def reproduce_mobile(
@@ -348,10 +395,13 @@ def reproduce_mobile(
         seeds: recipe seeds; each one trains every model (3 or more for a paired test).
         width: channel multiplier of the pair (the matched baseline is wider).
         device: training device (``cpu``, ``cuda``, ``cuda:1``); latency is timed on CPU.
-        out: folder for ``reproduce.md`` and ``reproduce.json`` (None: write nothing).
+        out: folder for ``reproduce.md``, ``reproduce.json`` and one record per finished run
+            (``runs/<model>_w<width>/seed<k>.json``, written atomically); a rerun with the same
+            recipe reads those back and trains only what is missing, so a killed run resumes
+            and seeds can be trained by separate processes (None: write nothing).
         latency_backend: ``onnxruntime`` or ``torch``.
         latency_repeats: timed forward passes per model.
-        keep_checkpoints: keep fit()'s checkpoints under ``out/runs/<model>/seed<k>``.
+        keep_checkpoints: keep fit()'s checkpoints under ``out/runs/<model>_w<width>/seed<k>/``.
         progress: tqdm bars while training.
         pair: (baseline, augmented) registered names; None: :data:`MOBILE_PAIR_CIFAR` for
             inputs up to 64 px, else :data:`MOBILE_PAIR`.
@@ -417,22 +467,30 @@ def reproduce_mobile(
         for key, name, w, label in plan:
             seed_everything(seed)  # same init and augmentation stream for every model
             model = create_model(name, num_classes=num_classes, input_size=rec.input_size, width=w)
-            run_dir = None
-            if keep_checkpoints and out_dir is not None:
-                run_dir = out_dir / "runs" / f"{name}_w{w:g}" / f"seed{seed}"
-            _LOG.info("reproduce: training %s, seed %d", label, seed)
-            metrics = fit(
-                model,
-                bundle,
-                dataclasses.replace(rec, model=name),
-                device=device,
-                out_dir=run_dir,
-                progress=progress,
-            )
-            record = {"seed": seed, **metrics}
+            run_recipe = dataclasses.replace(rec, model=name)
+            ident = run_identity(run_recipe, model.spec.encode())
+            runs_dir = out_dir / "runs" / f"{name}_w{w:g}" if out_dir is not None else None
+            record = read_run_record(runs_dir / f"seed{seed}.json", ident) if runs_dir else None
+            if record is not None:
+                _LOG.info("reproduce: %s seed %d read back from %s", label, seed, runs_dir)
+            else:
+                _LOG.info("reproduce: training %s, seed %d", label, seed)
+                metrics = fit(
+                    model,
+                    bundle,
+                    run_recipe,
+                    device=device,
+                    out_dir=runs_dir / f"seed{seed}" if runs_dir and keep_checkpoints else None,
+                    progress=progress,
+                )
+                record = _finite({"seed": seed, **metrics})  # as stored, so reruns compare equal
+                if runs_dir is not None:  # written at once: a killed run resumes after it
+                    runs_dir.mkdir(parents=True, exist_ok=True)
+                    text = json.dumps({"identity": ident, **record}, sort_keys=True)
+                    atomic_write_text(runs_dir / f"seed{seed}.json", text + "\n")
             runs.setdefault(key, []).append(record)
             models[key] = model
-            _LOG.info("reproduce: %s seed %d test top-1 %.4f", label, seed, metrics["test_top1"])
+            _LOG.info("reproduce: %s seed %d test top-1 %.4f", label, seed, record["test_top1"])
             if on_run is not None:
                 on_run(label, seed, record)
 

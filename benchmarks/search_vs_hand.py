@@ -23,6 +23,7 @@ Phases, each resumable (kill it and rerun the same command: finished work is rea
 
     python benchmarks/search_vs_hand.py --threads 2                   # the real run (~4 h)
     python benchmarks/search_vs_hand.py --tiny                        # minutes: smoke run
+    python benchmarks/search_vs_hand.py --searches train --searches-only   # one phase at a time
 
 The real run is 3 x ``--budget-min`` of search plus 3 seeds x (3 baselines + 3 found models)
 trainings with the CPU recipe: 135 min + about 3 x 32 min at the README's quiet-machine training
@@ -532,18 +533,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--out", default=None, help="results folder (default runs/search_vs_hand)")
     ap.add_argument("--tiny", action="store_true", help="every phase on tiny budgets")
+    ap.add_argument(
+        "--searches-only", action="store_true",
+        help="run (or resume) the searches, then stop; a later run trains and reports",
+    )  # fmt: skip
     args = ap.parse_args(argv)
-    # Defaults of the real run (not yet run in full): 45 min per search. Short training = 2
-    # epochs of <= 40 steps of batch 128 (half of the subset's 78 steps per epoch). Supernet:
-    # 3 epochs of 40 sandwich steps; one step (4 paths, batch 128) took ~16 s on 1 thread at
-    # load ~3.5 (Dec 2, noisy), so ~20-30 min of the budget, the rest for candidates (~10-20 s
-    # each: BN recalibration + the 10k val/ images).
+    # Defaults of the real run: 45 min per search, batch 32 (the final recipe's). Short
+    # training = 2 epochs of <= 156 steps (half of the subset's 312 steps per epoch: one epoch
+    # in all, half of it before the median pruner first looks), ~35 s per unpruned trial with
+    # the 10k val/ images on a quiet 2-core Zen 5 (1 optimiser step ~95 ms), so ~80+ trials.
+    # Supernet: 12 epochs of 156 sandwich steps (4 paths each, ~0.45 s) = ~14 min of the
+    # budget there (~25 min on a host 1.7x slower), the rest for candidates (~6 s each: BN
+    # recalibration + the 10k val/ images).
     full = {
         "budget_min": 45.0,
         "seeds": "0,1,2",
         "train_epochs": 2,
-        "search_batches": 40,
-        "supernet_epochs": 3,
+        "search_batches": 156,
+        "supernet_epochs": 12,
         "recal_batches": 10,
         "latency_repeats": 50,
     }
@@ -592,6 +599,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     searches_ran = run_searches(args, out, budget_macs, state)
     searches = state["searches"]
+    if args.searches_only:
+        print(f"{searches_ran} search(es) run now; --searches-only: stopping before training")
+        return {"searches": {n: searches[n] for n in args.searches}, "searches_ran": searches_ran}
 
     found = [  # in --searches order (state.json is written with sorted keys)
         Candidate(f"found:{name}", decode(searches[name]["best"]["spec"]), "found", name)

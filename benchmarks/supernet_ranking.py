@@ -18,7 +18,7 @@ sandwich; + in-place distillation; + progressive shrinking = the default recipe)
 for each. Trained supernets are kept next to the cache and reused.
 
     python benchmarks/supernet_ranking.py --tiny                       # minutes: smoke run
-    python benchmarks/supernet_ranking.py --recipe cifar10_cpu --ablation   # the real run
+    python benchmarks/supernet_ranking.py --ablation                   # the real run
 
 ``--data`` defaults to ``imagefolder:$AANAS_CIFAR10``. Timings are wall-clock on whatever else
 the machine is doing; compare them only within one run. On a loaded machine pass ``--threads 1``:

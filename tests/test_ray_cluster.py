@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -101,9 +102,12 @@ def ray_cluster() -> Iterator[Cluster]:
     address = f"127.0.0.1:{port}"
     env = dict(os.environ)
     # One token-auth mode for the nodes and every driver (Ray >= 2.5x enables it by default
-    # for new clusters and a driver without the same mode is refused); the token is Ray's own
-    # default file, so the nodes and the CLI below agree without passing it around.
+    # for new clusters and a driver without the same mode is refused), with this cluster's own
+    # token in the environment they all share: `ray start` only creates ~/.ray/auth_token for
+    # a local ray.init(), so on a fresh machine a head node started first found no token and
+    # exited (seen on a clean machine; it passed where an earlier ray.init() had left the file).
     env["RAY_AUTH_MODE"] = "token"
+    env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # Ray's own token format: 256 random bits
     env.pop("RAY_ADDRESS", None)
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")

@@ -135,3 +135,49 @@ def test_cli_rejects_bad_flags(
 ) -> None:
     assert main(["reproduce", "mobile", "--out", str(tmp_path), *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_rerun_reads_finished_runs_back_and_trains_only_what_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A killed run resumes: finished runs are records on disk, reused only for the same recipe."""
+    import aanas.train
+
+    real_fit = aanas.train.fit
+    trained: list[str] = []
+
+    def counting_fit(model, data, recipe, **kw):  # type: ignore[no-untyped-def]
+        trained.append(recipe.model)
+        return real_fit(model, data, recipe, **kw)
+
+    monkeypatch.setattr(aanas.train, "fit", counting_fit)
+    tiny = ["max_train_batches=1", "batch_size=32", "bn_recalibrate_batches=0", "val_fraction=0"]
+
+    def run(extra: list[str] = []) -> object:  # noqa: B006 (never mutated)
+        return reproduce_mobile(
+            overrides=[*tiny, *extra], epochs=1, seeds=(0,), out=tmp_path,
+            latency_backend="torch", latency_repeats=2,
+        )  # fmt: skip
+
+    first = run()
+    assert len(trained) == 3
+    records = sorted(tmp_path.glob("runs/*/seed0.json"))
+    assert len(records) == 3 and not list(tmp_path.glob("runs/*/.*.tmp"))
+    # As after a kill during the third run: its record was never written.
+    aa_record = next(p for p in records if p.parent.name.startswith("aa_"))
+    aa_record.unlink()
+    trained.clear()
+    second = run()
+    assert trained == [MOBILE_PAIR_CIFAR[1]]  # only the missing AA run trains again
+    for a, b in zip(first.rows, second.rows, strict=True):  # type: ignore[attr-defined]
+        if a.model != MOBILE_PAIR_CIFAR[1]:
+            assert a.runs == b.runs  # read back exactly, training time included
+    # A changed recipe field is another experiment: everything trains again.
+    trained.clear()
+    run(["lr=0.05"])
+    assert len(trained) == 3
+    # A corrupt record is ignored (and replaced), never trusted.
+    records[0].write_text("{not json", encoding="utf-8")
+    trained.clear()
+    run(["lr=0.05"])
+    assert len(trained) == 1

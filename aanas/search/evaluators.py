@@ -353,7 +353,9 @@ def latency_fns(
         from aanas.cost.latency import measure
 
         def measured(spec: ArchSpec) -> float:
-            result = measure(spec, backend="torch", threads=recipe.latency_threads, batch=1)
+            result = measure(
+                spec, backend=recipe.latency_backend, threads=recipe.latency_threads, batch=1
+            )
             return float(result.median_ms)
 
         return measured, None
