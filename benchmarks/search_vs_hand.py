@@ -39,6 +39,7 @@ import dataclasses
 import json
 import logging
 import os
+import platform
 import statistics
 import sys
 import time
@@ -180,6 +181,25 @@ def best_found(results: Sequence[TrialResult], budget_macs: int) -> TrialResult 
     return min(ok, key=lambda r: (-(r.accuracy or 0.0), r.macs or 0, r.number)) if ok else None
 
 
+def host_description() -> str:
+    """CPU model, family/model numbers and cores, e.g. ``AMD EPYC (family 26, model 2), 2 cores``.
+
+    Recorded with every search: a 45-minute budget buys about 1.7x more trials on one 2-core
+    host than on another seen here, so searches compared at equal wall time must share a host.
+    """
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    family, model = fields.get("cpu family"), fields.get("model")
+    ident = f" (family {family}, model {model})" if family and model else ""
+    return f"{name}{ident}, {os.cpu_count()} cores"
+
+
 def run_searches(
     args: argparse.Namespace, out: Path, budget_macs: int, state: dict[str, Any]
 ) -> int:
@@ -204,6 +224,7 @@ def run_searches(
             "evaluator": recipe.evaluator,
             "sampler": recipe.sampler,
             "wall_s": RunDirectory(run_path).spent_s(),
+            "host": host_description(),  # equal budgets mean equal work only on one host kind
             "states": counts,
             # trials that trained or were evaluated: REJECTED ones are over budget, untrained;
             # a repeated architecture reuses its stored result (metrics["duplicate_of"])
@@ -408,15 +429,16 @@ def report_markdown(
         "## Evaluator comparison at equal wall time (issue 14 item 4)",
         "",
         "| search | evaluator | sampler | trials evaluated | found MACs (M) | "
-        "search val top-1 (%) | test top-1 (%) | spec |",
-        "|---|---|---|---:|---:|---:|---:|---|",
+        "search val top-1 (%) | test top-1 (%) | host | spec |",
+        "|---|---|---|---:|---:|---:|---:|---|---|",
     ]
     for r in (r for r in table if r["kind"] == "found"):
         s = meta["searches"][r["search"]]
         lines.append(
             f"| {r['search']} | {s['evaluator']} | {s['sampler']} | {r['trials_evaluated']} | "
             f"{r['macs'] / 1e6:.2f} | {_fmt(r['search_val_top1'])} | "
-            f"{r['test_top1_mean']:.2f} +- {r['test_top1_std']:.2f} | `{r['spec']}` |"
+            f"{r['test_top1_mean']:.2f} +- {r['test_top1_std']:.2f} | {s.get('host', '?')} | "
+            f"`{r['spec']}` |"
         )
     empty = [n for n, s in meta["searches"].items() if s["best"] is None]
     if empty:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ def test_search_vs_hand_tiny_resumes_and_respects_the_budget(tmp_path: Path) -> 
     first = bench.main([*_ARGS, "--out", str(out)])
     assert first["searches_ran"] == 2  # the train search is read back
     assert first["searches"]["train"] == only["searches"]["train"]
+    assert all(f"{os.cpu_count()} cores" in s["host"] for s in first["searches"].values())
     hand = ["plain_cnn", *(load_recipe(r).model for r in bench.HAND_RECIPES)]
     found = [f"found:{n}" for n in bench.SEARCHES if first["searches"][n]["best"] is not None]
     # a search whose budget went on start-up (imports, data, the supernet) finds nothing and
