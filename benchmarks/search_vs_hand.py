@@ -26,10 +26,12 @@ Phases, each resumable (kill it and rerun the same command: finished work is rea
     python benchmarks/search_vs_hand.py --searches train --searches-only   # one phase at a time
 
 The real run is 3 x ``--budget-min`` of search plus 3 seeds x (3 baselines + 3 found models)
-trainings with the CPU recipe: 135 min + about 3 x 32 min at the README's quiet-machine training
-times (an estimate; it has not been run in full). Timings are wall-clock on whatever else the
-machine is doing. The TPE search and the random search share the seed, so TPE's random start-up
-trials are the random search's first trials (common random numbers: they differ only after it).
+trainings with the CPU recipe: 135 min + about 3 x 32 min on a quiet 2-core AMD EPYC family 26
+(there one MnasNet training run takes 6-7 min), about 1.7x that on the slower host seen
+earlier. Timings are wall-clock on whatever else the machine is doing; each search records the
+host it ran on, since equal budgets are equal work only on the same kind of host. The TPE
+search and the random search share the seed, so TPE's random start-up trials are the random
+search's first trials (common random numbers: they differ only after it).
 """
 
 from __future__ import annotations
