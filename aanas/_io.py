@@ -13,11 +13,12 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import pickle
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,8 +30,21 @@ __all__ = [
     "atomic_write_text",
     "check_writable_dir",
     "check_writable_file",
+    "json_safe",
     "load_torch_file",
 ]
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` as strict JSON can hold it: NaN/inf become None (``json.dumps`` would write the
+    non-standard ``NaN``), tuples become lists, mapping keys strings; recursively."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 @contextlib.contextmanager

@@ -333,6 +333,11 @@ _SEARCH_FLAGS: tuple[tuple[str, str, str], ...] = (
     ),
     ("--supernet", "supernet", "load this trained supernet.pt instead of training one"),
     ("--supernet-epochs", "supernet_epochs", "supernet training epochs"),
+    (
+        "--supernet-budget-share",
+        "supernet_budget_share",
+        "with --timeout-min: the share of it the supernet's training may take (default 0.4)",
+    ),
     ("--recal-batches", "recal_batches", "BN recalibration batches per candidate"),
     ("--train-epochs", "train_epochs", "epochs per candidate (train evaluator)"),
     ("--train-recipe", "train_recipe", "TrainRecipe YAML or shipped name (train evaluator)"),

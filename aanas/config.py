@@ -507,6 +507,9 @@ class SearchRecipe:
     # lift the best inherited accuracy from ~75 % (2 epochs) to the 90s
     supernet_epochs: int = 10
     supernet_lr: float = 0.05
+    # with --timeout-min: the share of it the supernet's training may take (its schedule is
+    # compressed to fit, SupernetRecipe.time_budget_s), the rest is for evaluating candidates
+    supernet_budget_share: float = 0.4
     recal_batches: int = 4  # training batches to re-estimate BN statistics per candidate
     # --- train evaluator -------------------------------------------------------------------------
     train_recipe: str | None = None  # TrainRecipe YAML/shipped name (default: digits_tiny-like)
@@ -579,6 +582,11 @@ class SearchRecipe:
                 f"val_fraction must be in (0, 1): searches select on validation accuracy, "
                 f"got {self.val_fraction!r}"
             )
+        if not 0.0 < self.supernet_budget_share < 1.0:
+            raise ValueError(
+                f"supernet_budget_share must be in (0, 1): the supernet and the candidates share "
+                f"--timeout-min, got {self.supernet_budget_share!r}"
+            )
         if self.sampler == "nsga2" and self.score != "pareto":
             raise ValueError("sampler 'nsga2' is multi-objective: use it with --score pareto")
         if self.target_latency_ms > 0 and self.target_macs > 0:
@@ -650,6 +658,11 @@ class SupernetRecipe:
     shrink: bool = True
     shrink_order: tuple[str, ...] = ("kernel", "depth", "width", "attention")
     shrink_at: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
+    # wall-clock budget in seconds (0: none). With one, the schedule (cosine LR, shrinking
+    # phases) advances by max(fraction of steps, fraction of the budget), so training ends
+    # annealed and through every phase when the first of the two runs out: a search's
+    # --timeout-min cannot be spent on the supernet alone
+    time_budget_s: float = 0.0
 
     def __post_init__(self) -> None:
         _check_choice("rule", self.rule, SUPERNET_RULES)
@@ -657,7 +670,7 @@ class SupernetRecipe:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        for name in ("lr", "weight_decay", "distill_temperature"):
+        for name in ("lr", "weight_decay", "distill_temperature", "time_budget_s"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

@@ -47,7 +47,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 
 from aanas.config import TrainRecipe
 
-__all__ = ["DataBundle", "build_data", "build_recipe_data", "DATA_NAMES", "default_data_root"]
+__all__ = [
+    "DataBundle",
+    "build_data",
+    "build_recipe_data",
+    "canonical_data_name",
+    "DATA_NAMES",
+    "default_data_root",
+]
 
 _LOG = logging.getLogger(__name__)
 
@@ -425,6 +432,15 @@ def _parse_name(name: str) -> tuple[str, Path | None]:
     if name.startswith("imagefolder:") and len(name) > len("imagefolder:"):
         return "imagefolder", Path(name[len("imagefolder:") :]).expanduser()
     raise ValueError(f"unknown data set {name!r}; accepted: {', '.join(DATA_NAMES)}")
+
+
+def canonical_data_name(name: str) -> str:
+    """One spelling per data set, for keys of stored results: an ImageFolder path is made
+    absolute and resolved (``imagefolder:../data`` -> ``imagefolder:/work/data``); other
+    names, and anything unrecognised (the error is :func:`build_data`'s), stay as given."""
+    if name.startswith("imagefolder:") and len(name) > len("imagefolder:"):
+        return f"imagefolder:{Path(name[len('imagefolder:') :]).expanduser().resolve()}"
+    return name
 
 
 def build_data(

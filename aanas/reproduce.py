@@ -34,7 +34,6 @@ Scales (the recipe and data decide everything; see ``aanas reproduce mobile --he
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -46,8 +45,9 @@ from pathlib import Path
 from typing import Any
 
 from aanas import __version__
+from aanas._io import atomic_write_text, json_safe
 from aanas.config import TrainRecipe, load_recipe, recipe_to_dict
-from aanas.results import atomic_write_text
+from aanas.run_record import read_run_record, run_identity, write_run_record
 
 __all__ = [
     "DEFAULT_RECIPE",
@@ -61,9 +61,7 @@ __all__ = [
     "format_table",
     "macs_matched_width",
     "paired_t_test",
-    "read_run_record",
     "reproduce_mobile",
-    "run_identity",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -333,35 +331,6 @@ def _check_seeds(seeds: Sequence[int]) -> tuple[int, ...]:
     return out
 
 
-def run_identity(recipe: TrainRecipe, spec: str) -> str:
-    """What decides one training run's result: the full recipe (seed included) and the spec.
-
-    A stored record is reused only under the same identity, so changing any recipe field,
-    the data, the seed or the architecture trains again.
-    """
-    blob = json.dumps({"recipe": recipe_to_dict(recipe), "spec": spec}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def read_run_record(path: Path, identity: str) -> dict[str, Any] | None:
-    """The stored metrics of a finished run (``OUT/runs/<model>_w<width>/seed<k>.json``).
-
-    None when there is none, it is unreadable or it belongs to another recipe/spec (logged):
-    that run is trained again and its record overwritten.
-    """
-    if not path.is_file():
-        return None
-    try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        _LOG.warning("reproduce: ignoring unreadable run record %s (%s)", path, exc)
-        return None
-    if not isinstance(stored, dict) or stored.pop("identity", None) != identity:
-        _LOG.info("reproduce: %s is from another recipe or spec; training again", path)
-        return None
-    return stored
-
-
 def reproduce_mobile(
     *,
     recipe: str | Path = DEFAULT_RECIPE,
@@ -483,11 +452,9 @@ def reproduce_mobile(
                     out_dir=runs_dir / f"seed{seed}" if runs_dir and keep_checkpoints else None,
                     progress=progress,
                 )
-                record = _finite({"seed": seed, **metrics})  # as stored, so reruns compare equal
+                record = {"seed": seed, **metrics}
                 if runs_dir is not None:  # written at once: a killed run resumes after it
-                    runs_dir.mkdir(parents=True, exist_ok=True)
-                    text = json.dumps({"identity": ident, **record}, sort_keys=True)
-                    atomic_write_text(runs_dir / f"seed{seed}.json", text + "\n")
+                    record = write_run_record(runs_dir / f"seed{seed}.json", ident, record)
             runs.setdefault(key, []).append(record)
             models[key] = model
             _LOG.info("reproduce: %s seed %d test top-1 %.4f", label, seed, record["test_top1"])
@@ -535,17 +502,6 @@ def reproduce_mobile(
     result = dataclasses.replace(result, table=format_table(result))
     if out_dir is not None:
         atomic_write_text(out_dir / "reproduce.md", result.table + "\n")
-        text = json.dumps(_finite(result.to_dict()), indent=2, sort_keys=True)
+        text = json.dumps(json_safe(result.to_dict()), indent=2, sort_keys=True)
         atomic_write_text(out_dir / "reproduce.json", text + "\n")
     return result
-
-
-def _finite(obj: Any) -> Any:
-    """Replace NaN/inf by None so ``reproduce.json`` is strict JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aanas._io import atomic_write_bytes, atomic_write_text
+from aanas._io import atomic_write_bytes, atomic_write_text, json_safe
 
 __all__ = [
     "append_csv",
@@ -118,7 +118,7 @@ class TrialResult:
         out = dataclasses.asdict(self)
         out["params"] = dict(self.params)
         out["metrics"] = dict(self.metrics)
-        cleaned: dict[str, Any] = _clean(out)
+        cleaned: dict[str, Any] = json_safe(out)
         return cleaned
 
     @classmethod
@@ -163,23 +163,8 @@ def _json_default(obj: object) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def _finite_or_none(value: Any) -> Any:
-    """JSON has no NaN/inf: store them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
-    return _finite_or_none(obj)
-
-
 def _json_line(r: TrialResult) -> str:
-    return json.dumps(_clean(r.to_dict()), sort_keys=True, default=_json_default) + "\n"
+    return json.dumps(json_safe(r.to_dict()), sort_keys=True, default=_json_default) + "\n"
 
 
 def write_jsonl(path: str | os.PathLike[str], results: Iterable[TrialResult]) -> None:
@@ -235,7 +220,7 @@ def _csv_cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, Mapping):
-        return json.dumps(_clean(value), sort_keys=True, default=_json_default)
+        return json.dumps(json_safe(value), sort_keys=True, default=_json_default)
     if isinstance(value, float):
         return "" if not math.isfinite(value) else repr(value)
     return str(value)

@@ -666,7 +666,9 @@ def train_supernet(
     from the labels too. With ``shrink``, paths are restricted to the dimensions
     :meth:`~aanas.config.SupernetRecipe.elastic_at` allows at that point of training (OFA
     progressive shrinking, arXiv:1908.09791), so the smallest/random paths of the first phase
-    are the largest network itself.
+    are the largest network itself. With ``time_budget_s`` the LR and the shrinking phases
+    follow whichever is further along, the steps or the budget (then the result depends on the
+    machine's speed, not only on the seed).
 
     Args:
         supernet: the supernet (moved to ``device``).
@@ -678,7 +680,9 @@ def train_supernet(
         **overrides: fields of the recipe to replace (``epochs=2, lr=0.1, max_batches=None``).
 
     Returns:
-        ``{"epochs": [...per-epoch metrics...], "seconds": total, "recipe": {...}}``.
+        ``{"epochs": [...per-epoch metrics...], "seconds": total, "steps": optimiser steps
+        taken, "planned_steps": epochs x steps per epoch (more than ``steps`` when
+        ``time_budget_s`` ran out first), "recipe": {...}}``.
 
     Raises:
         ValueError: a bad recipe value (unknown ``rule``, ...), naming the field.
@@ -703,24 +707,34 @@ def train_supernet(
     opt = torch.optim.SGD(
         supernet.parameters(), lr=rec.lr, momentum=0.9, weight_decay=rec.weight_decay, nesterov=True
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
-    )
     history: list[dict[str, Any]] = []
     start = time.perf_counter()
     global_step = 0
+    progress = 0.0  # of the schedule: steps done, or budget spent if that is further
+
+    def _progress() -> float:
+        done = global_step / total_steps
+        if rec.time_budget_s > 0:
+            done = max(done, (time.perf_counter() - start) / rec.time_budget_s)
+        return min(done, 1.0)
+
     for epoch in range(rec.epochs):
+        if progress >= 1.0:
+            break
         t0 = time.perf_counter()
-        loss_sum, n_seen, n_paths = 0.0, 0, 0
+        loss_sum, n_seen, n_paths, n_steps = 0.0, 0, 0, 0
         elastic = rec.elastic_at(0.0)
         order = getattr(loader, "sampler", None)
         if hasattr(order, "set_epoch"):  # aanas.data: the shuffle is f(seed, epoch), set it
             order.set_epoch(epoch)  # type: ignore[union-attr]
         for step, (x, y) in enumerate(loader):
-            if max_batches is not None and step >= max_batches:
+            progress = _progress()
+            if (max_batches is not None and step >= max_batches) or progress >= 1.0:
                 break
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            elastic = rec.elastic_at(min(global_step / total_steps, 1.0))
+            elastic = rec.elastic_at(progress)
+            for group in opt.param_groups:  # cosine from lr to 0 over the schedule
+                group["lr"] = rec.lr * 0.5 * (1 + math.cos(math.pi * progress))
             if rec.rule == "sandwich":
                 paths = [sampler.largest, sampler.smallest(elastic)]
                 paths += [sampler.sample(rng, elastic) for _ in range(rec.n_random)]
@@ -744,12 +758,15 @@ def train_supernet(
                         teacher = logits.detach()
             n_paths += len(paths)
             opt.step()
-            sched.step()
             global_step += 1
+            n_steps += 1
+        if n_steps == 0:  # the budget ran out at the epoch's start
+            break
         metrics: dict[str, Any] = {
             "epoch": float(epoch),
             "train_loss": loss_sum / max(1, n_seen),  # of the first path (sandwich: largest)
-            "paths_per_step": n_paths / max(1, min(steps_per_epoch, global_step)),
+            "paths_per_step": n_paths / n_steps,
+            "steps": float(n_steps),
             "elastic": sorted(elastic),
             "seconds": time.perf_counter() - t0,
             "lr": float(opt.param_groups[0]["lr"]),
@@ -758,9 +775,19 @@ def train_supernet(
         logger.info("supernet epoch %d: %s", epoch, metrics)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
+    if rec.time_budget_s > 0 and global_step < total_steps:
+        logger.warning(
+            "supernet: time budget of %.0f s spent after %d of %d steps; the schedule was "
+            "compressed to fit (lr annealed, every shrinking phase reached)",
+            rec.time_budget_s,
+            global_step,
+            total_steps,
+        )
     return {
         "epochs": history,
         "seconds": time.perf_counter() - start,
+        "steps": global_step,
+        "planned_steps": total_steps,
         "recipe": dataclasses.asdict(rec),
     }
 

@@ -16,14 +16,17 @@ Phases, each resumable (kill it and rerun the same command: finished work is rea
 3. **Final training.** The best architecture of each search (highest validation accuracy among
    COMPLETE trials within the MACs budget) and the hand baselines, each over ``--seeds`` with
    ``--recipe`` (its ``model`` replaced; the CNN with its own recipe), test top-1 on test/.
-   Every result is cached by spec digest + recipe digest + seed (:mod:`_bench_cache`), so a
-   rerun trains only what is missing.
+   Every finished run is a record ``<out>/runs/<model>/seed<k>.json`` keyed by recipe + spec
+   (:mod:`aanas.run_record`), so a rerun trains only what is missing, and ``--reuse-runs DIR``
+   reads runs another command already made with the same recipe (``aanas reproduce mobile
+   --out DIR`` trains both MnasNet baselines with it).
 4. **Report**: ``report.md`` (table, goal, evaluator comparison), ``summary.json`` and
    ``pareto.png`` (accuracy vs MACs).
 
     python benchmarks/search_vs_hand.py --threads 2                   # the real run (~4 h)
     python benchmarks/search_vs_hand.py --tiny                        # minutes: smoke run
     python benchmarks/search_vs_hand.py --searches train --searches-only   # one phase at a time
+    python benchmarks/search_vs_hand.py --reuse-runs benchmarks/results/reproduce_mobile_cifar
 
 The real run is 3 x ``--budget-min`` of search plus 3 seeds x (3 baselines + 3 found models)
 trainings with the CPU recipe: 135 min + about 3 x 32 min on a quiet 2-core AMD EPYC family 26
@@ -59,6 +62,7 @@ from aanas.cost.latency import measure
 from aanas.data import build_recipe_data
 from aanas.models import create_model
 from aanas.results import TrialResult, pareto
+from aanas.run_record import find_run_record, read_run_record, run_identity, write_run_record
 from aanas.search import RunDirectory, run_search
 from aanas.space import SearchSpace
 from aanas.spec import ArchSpec, decode
@@ -103,6 +107,12 @@ class Candidate:
     def ident(self) -> str:
         """Cache identity: the spec digest, or the CNN's name."""
         return self.spec.digest() if self.spec is not None else CNN
+
+    @property
+    def ident_spec(self) -> str:
+        """What a run record's identity hashes as the architecture: the spec string, or the
+        CNN's name (its recipe's ``model`` field is empty; the class is fixed)."""
+        return self.spec.encode() if self.spec is not None else CNN
 
     def build(self, num_classes: int) -> nn.Module:
         """A fresh, untrained model."""
@@ -158,6 +168,7 @@ def _search_recipe(name: str, args: argparse.Namespace, budget_macs: int) -> Sea
             **common,
             evaluator="supernet",
             supernet_epochs=args.supernet_epochs,
+            supernet_budget_share=args.supernet_share,
             recal_batches=args.recal_batches,
         )
     return SearchRecipe(
@@ -267,10 +278,16 @@ def recipe_for(cand: Candidate, args: argparse.Namespace, seed: int) -> TrainRec
 def train_all(
     cands: Sequence[Candidate],
     args: argparse.Namespace,
-    cache: ResultCache,
+    runs_dir: Path,
     seeds: Sequence[int],
 ) -> tuple[dict[str, list[dict[str, Any]]], int]:
-    """Every candidate x seed (cached); ({name: [result per seed]}, number trained now)."""
+    """Every candidate x seed; ({name: [record per seed]}, number trained now).
+
+    Each finished run is a record ``runs_dir/<name>/seed<k>.json`` (:mod:`aanas.run_record`:
+    keyed by recipe + spec, written atomically). A run already recorded under ``runs_dir`` or
+    under a ``--reuse-runs`` folder (e.g. ``aanas reproduce mobile --out``'s, which trains the
+    two MnasNet baselines with the same recipe) is read back and copied here, not trained.
+    """
     rows: dict[str, list[dict[str, Any]]] = {}
     trained = 0
     data_cache: dict[str, Any] = {}
@@ -278,9 +295,17 @@ def train_all(
         rows[cand.name] = []
         for seed in seeds:
             recipe = recipe_for(cand, args, seed)
-            key = cache.key(cand.ident, digest(recipe_to_dict(recipe)), seed)
-            hit = cache.get(key)
-            if hit is None:
+            ident = run_identity(recipe, cand.ident_spec)
+            path = runs_dir / cand.name.replace(":", "_") / f"seed{seed}.json"
+            record = read_run_record(path, ident)
+            how = "recorded"
+            if record is None:
+                found = find_run_record([runs_dir, *args.reuse_runs], ident, path.name)
+                if found is not None:
+                    source, record = found
+                    record = write_run_record(path, ident, {**record, "reused_from": str(source)})
+                    how = f"reused from {source}"
+            if record is None:
                 # the loaders' shuffling follows recipe.seed: one bundle per (data fields, seed)
                 data_key = digest(recipe_to_dict(dataclasses.replace(recipe, model="")))
                 if data_key not in data_cache:
@@ -288,28 +313,17 @@ def train_all(
                 data = data_cache[data_key]
                 seed_everything(seed)
                 model = cand.build(data.num_classes)
-                t0 = time.perf_counter()
                 metrics = fit(model, data, recipe, device=args.device, progress=False)
-                hit = {
-                    "model": cand.name,
-                    "ident": cand.ident,
-                    "seed": seed,
-                    "test_top1": float(metrics["test_top1"]),
-                    "val_top1": float(metrics.get("val_top1", float("nan"))),
-                    "seconds": time.perf_counter() - t0,
-                    "load": os.getloadavg()[0],
-                }
-                cache.put(key, hit)
+                record = {"model": cand.name, "seed": seed, **metrics}
+                record = write_run_record(path, ident, {**record, "load": os.getloadavg()[0]})
                 trained += 1
                 how = "trained"
-            else:
-                how = "cached"
             print(
-                f"final {cand.name} seed {seed} ({how}): test {hit['test_top1']:.4f} "
-                f"val {hit['val_top1']:.4f} {hit['seconds']:.0f} s",
+                f"final {cand.name} seed {seed} ({how}): test {record['test_top1']:.4f} "
+                f"val {record.get('val_top1') or float('nan'):.4f} {record['time_s']:.0f} s",
                 flush=True,
             )
-            rows[cand.name].append(hit)
+            rows[cand.name].append(record)
     return rows, trained
 
 
@@ -343,7 +357,7 @@ def build_table(
     for cand in cands:
         macs, params = cand.cost()
         tests = [100 * r["test_top1"] for r in finals[cand.name]]
-        vals = [100 * r["val_top1"] for r in finals[cand.name]]
+        vals = [100 * r["val_top1"] for r in finals[cand.name] if r.get("val_top1") is not None]
         mean, std = _mean_std(tests)
         info = searches.get(cand.search, {})
         table.append(
@@ -358,7 +372,7 @@ def build_table(
                 "test_top1_mean": mean,
                 "test_top1_std": std,
                 "test_top1": tests,
-                "val_top1_mean": statistics.mean(vals),
+                "val_top1_mean": statistics.mean(vals) if vals else None,
                 "search_val_top1": (
                     100 * info["best"]["accuracy"] if cand.kind == "found" else None
                 ),
@@ -549,9 +563,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="cap steps per epoch of trials and of the supernet (0: all)",
     )  # fmt: skip
     ap.add_argument("--supernet-epochs", type=int, default=None)
+    ap.add_argument(
+        "--supernet-share", type=float, default=0.5,
+        help="share of --budget-min the supernet's training may take (its schedule is "
+        "compressed to fit; the rest evaluates candidates)",
+    )  # fmt: skip
     ap.add_argument("--recal-batches", type=int, default=None)
     ap.add_argument("--seeds", default=None, help="final-training seeds, e.g. 0,1,2")
     ap.add_argument("--seed", type=int, default=0, help="search sampler seed")
+    ap.add_argument(
+        "--reuse-runs", action="append", default=[], type=Path, metavar="DIR",
+        help="also read finished final-training runs (same recipe, spec and seed) from DIR, "
+        "e.g. an `aanas reproduce mobile --out` folder; repeatable",
+    )  # fmt: skip
     ap.add_argument("--latency-repeats", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
@@ -566,9 +590,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # training = 2 epochs of <= 156 steps (half of the subset's 312 steps per epoch: one epoch
     # in all, half of it before the median pruner first looks), ~35 s per unpruned trial with
     # the 10k val/ images on a quiet 2-core Zen 5 (1 optimiser step ~95 ms), so ~80+ trials.
-    # Supernet: 12 epochs of 156 sandwich steps (4 paths each, ~0.45 s) = ~14 min of the
-    # budget there (~25 min on a host 1.7x slower), the rest for candidates (~6 s each: BN
-    # recalibration + the 10k val/ images).
+    # Supernet: 12 epochs of 156 sandwich steps planned, but a step costs ~2 s there (the
+    # largest path alone, 100M MACs at batch 32, ~0.8 s; then + smallest + 2 random; measured
+    # Dec 7: the 12 epochs would take ~55 min), so the schedule is compressed into
+    # --supernet-share (0.5) of the budget, ~700 steps, and the other ~22 min evaluate
+    # candidates (~6 s each: BN recalibration + the 10k val/ images), ~2x the train search's.
     full = {
         "budget_min": 45.0,
         "seeds": "0,1,2",
@@ -636,8 +662,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if cand.cost()[0] > budget_macs:
             raise SystemExit(f"{cand.name}: {cand.cost()[0]} MACs exceed the budget {budget_macs}")
     cands = [*hands, *found]
-    cache = ResultCache(out / "results_cache.json")
-    finals, trained = train_all(cands, args, cache, args.seeds)
+    cache = ResultCache(out / "results_cache.json")  # latency
+    finals, trained = train_all(cands, args, out / "runs", args.seeds)
     latency = {c.name: latency_ms(c, cache, args.latency_repeats) for c in cands}
 
     table = build_table(cands, finals, searches, latency)

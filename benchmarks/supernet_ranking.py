@@ -4,9 +4,10 @@ For >= 20 architectures stratified by MACs over the space's cost range
 (:func:`aanas.search.ranking.stratified_by_macs`):
 
 1. ground truth: each trained from scratch with a CPU ``TrainRecipe`` (``--recipe``, plus
-   ``--set key=value``), top-1 on the test split (the CIFAR-10 subset's 2000 images). Results
-   are cached in an atomic JSON file keyed by spec digest + recipe digest, so a rerun (or a
-   run resumed after a kill) trains only what is missing or changed;
+   ``--set key=value``), top-1 on the test split (the CIFAR-10 subset's 2000 images). Each
+   finished run is an atomic record ``<out>/runs/<spec digest>/seed<k>.json`` keyed by recipe
+   + spec (:mod:`aanas.run_record`), so a rerun (or a run resumed after a kill) trains only what
+   is missing or changed, and ``--reuse-runs DIR`` reads runs other benchmarks already made;
 2. the supernet (:func:`aanas.supernet.train_supernet`, ``SupernetRecipe`` from
    ``--supernet-set key=value``) and each architecture's inherited weights, BN-recalibrated on
    training batches and evaluated on the same test split;
@@ -34,6 +35,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,7 @@ from aanas.config import SupernetRecipe, TrainRecipe, apply_overrides, load_reci
 from aanas.cost import count_spec
 from aanas.data import DataBundle, build_recipe_data
 from aanas.models import create_model
+from aanas.run_record import find_run_record, read_run_record, run_identity, write_run_record
 from aanas.search.ranking import RankingReport, ranking_report, stratified_by_macs
 from aanas.space import SearchSpace
 from aanas.spec import ArchSpec
@@ -52,7 +55,7 @@ from aanas.supernet import SuperNet, recalibrate_bn, train_supernet
 from aanas.train import evaluate, fit, seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling _bench_cache module
-from _bench_cache import ResultCache, digest  # noqa: E402
+from _bench_cache import digest  # noqa: E402
 
 # Ablation variants, in the order each adds one change (field overrides of the supernet recipe).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -78,38 +81,45 @@ def standalone_results(
     specs: list[ArchSpec],
     data: DataBundle,
     recipe: TrainRecipe,
-    cache: ResultCache,
+    runs_dir: Path,
     device: str,
+    reuse: Sequence[Path] = (),
 ) -> list[dict[str, Any]]:
-    """Test top-1 of every spec trained from scratch (cached; only missing ones train)."""
-    recipe_digest = digest(recipe_to_dict(recipe))
+    """Test top-1 of every spec trained from scratch; only missing runs train.
+
+    Each run is a record ``runs_dir/<spec digest>/seed<k>.json`` (:mod:`aanas.run_record`,
+    keyed by recipe + spec). A run recorded under ``reuse`` (e.g. ``search_vs_hand.py``'s
+    final trainings, same CPU recipe) is copied here instead of trained.
+    """
     out = []
     for i, spec in enumerate(specs):
-        key = cache.key(spec, recipe_digest)
-        hit = cache.get(key)
-        if hit is None:
-            t0 = time.perf_counter()
+        ident = run_identity(recipe, spec.encode())
+        path = runs_dir / spec.digest() / f"seed{recipe.seed}.json"
+        record = read_run_record(path, ident)
+        state = "recorded"
+        if record is None:
+            found = find_run_record([runs_dir, *reuse], ident, path.name)
+            if found is not None:
+                record = write_run_record(path, ident, {**found[1], "reused_from": str(found[0])})
+                state = "reused"
+        if record is None:
             seed_everything(recipe.seed)
             model = create_model(spec)
             metrics = fit(model, data, recipe, device=device, progress=False, evaluate_test=True)
-            hit = {
-                "spec": spec.encode(),
-                "recipe_digest": recipe_digest,
-                "test_top1": float(metrics["test_top1"]),
-                "val_top1": float(metrics.get("val_top1", float("nan"))),
-                "macs": count_spec(spec).macs,
-                "seconds": time.perf_counter() - t0,
-            }
-            cache.put(key, hit)
+            record = write_run_record(path, ident, {"spec": spec.encode(), **metrics})
             state = "trained"
-        else:
-            state = "cached"
+        row = {
+            "spec": spec.encode(),
+            "test_top1": float(record["test_top1"]),
+            "macs": count_spec(spec).macs,
+            "seconds": float(record.get("time_s") or 0.0),
+        }
         print(
-            f"standalone {i + 1}/{len(specs)} ({state}): test {hit['test_top1']:.4f} "
-            f"{hit['macs'] / 1e6:.2f} MMACs {hit['seconds']:.0f} s  {spec.encode()}",
+            f"standalone {i + 1}/{len(specs)} ({state}): test {row['test_top1']:.4f} "
+            f"{row['macs'] / 1e6:.2f} MMACs {row['seconds']:.0f} s  {spec.encode()}",
             flush=True,
         )
-        out.append(hit)
+        out.append(row)
     return out
 
 
@@ -188,6 +198,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--supernet-set", action="append", default=[], metavar="K=V", help="SupernetRecipe field"
     )
+    parser.add_argument(
+        "--reuse-runs", action="append", default=[], type=Path, metavar="DIR",
+        help="also read finished standalone runs (same recipe, spec, seed) from DIR, e.g. "
+        "search_vs_hand.py's --out; repeatable",
+    )  # fmt: skip
     parser.add_argument("--archs", type=int, default=20)
     parser.add_argument("--k", type=int, default=5, help="top-k check")
     parser.add_argument("--recal-batches", type=int, default=20)
@@ -237,8 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         f"ground truth: {args.recipe} {' '.join(args.recipe_set)}",
         flush=True,
     )
-    cache = ResultCache(out / "standalone.json")
-    truth_rows = standalone_results(specs, data, recipe, cache, args.device)
+    truth_rows = standalone_results(
+        specs, data, recipe, out / "runs", args.device, reuse=args.reuse_runs
+    )
     truth = [r["test_top1"] for r in truth_rows]
     t_standalone = sum(r["seconds"] for r in truth_rows)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import sys
 from pathlib import Path
@@ -164,17 +163,21 @@ def test_benchmark_cache_trains_only_what_changed(
     space = SearchSpace.from_yaml("tiny")
     specs = stratified_by_macs(space, 3, np.random.default_rng(0))
     recipe = TrainRecipe(epochs=1)
-    path = tmp_path / "c" / "standalone.json"
-    first = bench.standalone_results(specs, None, recipe, bench.ResultCache(path), "cpu")
+    runs = tmp_path / "c" / "runs"
+    first = bench.standalone_results(specs, None, recipe, runs, "cpu")
     assert len(trained) == 3 and [r["spec"] for r in first] == [s.encode() for s in specs]
-    assert [p.name for p in path.parent.iterdir()] == ["standalone.json"]  # no temp files
+    records = sorted(p.relative_to(runs).as_posix() for p in runs.rglob("*") if p.is_file())
+    assert records == sorted(f"{s.digest()}/seed0.json" for s in specs)  # no temp files
     # a rerun reads everything back; one new architecture and a changed recipe train again
     extra = next(
         s for s in (space.sample(np.random.default_rng(i)) for i in range(50)) if s not in specs
     )
-    again = bench.standalone_results([*specs, extra], None, recipe, bench.ResultCache(path), "cpu")
+    again = bench.standalone_results([*specs, extra], None, recipe, runs, "cpu")
     assert len(trained) == 4 and trained[-1] == extra.encode()
     assert [r["test_top1"] for r in again[:3]] == [r["test_top1"] for r in first]
-    bench.standalone_results(specs[:1], None, TrainRecipe(epochs=2), bench.ResultCache(path), "cpu")
+    bench.standalone_results(specs[:1], None, TrainRecipe(epochs=2), runs, "cpu")
+    assert len(trained) == 5  # another recipe: trained again, its record replaces the old one
+    # Another benchmark's folder reuses these runs (same recipe, spec, seed): nothing trains.
+    other = bench.standalone_results(specs[1:], None, recipe, tmp_path / "d", "cpu", reuse=[runs])
     assert len(trained) == 5
-    assert len(json.loads(path.read_text())) == 5
+    assert [r["test_top1"] for r in other] == [r["test_top1"] for r in first[1:]]

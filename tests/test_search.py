@@ -566,6 +566,31 @@ def test_timeout_no_trial_starts_after_the_deadline_and_resume_counts_spent_time
     assert len(third.results) == len(asked) + len(asked3)
 
 
+def test_timed_supernet_search_leaves_time_for_candidates(tmp_path):
+    """Under --timeout-min the supernet's training takes its share of the budget, however many
+    epochs were asked for, and candidates are evaluated in the rest (it used to train all its
+    epochs first, past the deadline, and then evaluate nothing)."""
+    out = tmp_path / "s"
+    budget_s, share = 8.0, 0.25
+    result = run_search(
+        _fast(
+            evaluator="supernet", supernet_epochs=100_000, supernet_budget_share=share,
+            trials=1000, pruner="none", timeout_min=budget_s / 60, recal_batches=1,
+        ),
+        out=out,
+        progress=False,
+    )  # fmt: skip
+    (session,) = _sessions(out)
+    asked = _asked_times(out)
+    # the first candidate is asked for once the supernet is trained: after its share of the
+    # budget, well before the deadline (slack: data, one step past the budget, start-up)
+    assert asked and session[0] + share * budget_s <= asked[0] < session[0] + budget_s
+    assert any(r.state == "COMPLETE" for r in result.results)
+    assert (out / "supernet.pt").is_file()
+    with pytest.raises(ValueError, match="supernet_budget_share"):
+        SearchRecipe(supernet_budget_share=1.0)
+
+
 def test_spent_time_is_the_union_of_sessions(tmp_path):
     run_dir = RunDirectory(tmp_path).create()
     assert run_dir.spent_s() == 0.0

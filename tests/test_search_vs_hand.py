@@ -54,7 +54,7 @@ def test_search_vs_hand_tiny_resumes_and_respects_the_budget(tmp_path: Path) -> 
     # One phase at a time (a session too short for all): one search, nothing trained.
     only = bench.main([*_ARGS, "--out", str(out), "--searches", "train", "--searches-only"])
     assert only["searches_ran"] == 1 and list(only["searches"]) == ["train"]
-    assert not (out / "results_cache.json").exists() and not (out / "report.md").exists()
+    assert not (out / "runs").exists() and not (out / "report.md").exists()
     first = bench.main([*_ARGS, "--out", str(out)])
     assert first["searches_ran"] == 2  # the train search is read back
     assert first["searches"]["train"] == only["searches"]["train"]
@@ -103,14 +103,24 @@ def test_search_vs_hand_tiny_resumes_and_respects_the_budget(tmp_path: Path) -> 
     state = json.loads((out / "state.json").read_text())
     del state["searches"]["random"]
     (out / "state.json").write_text(json.dumps(state))
-    cache = json.loads((out / "results_cache.json").read_text())
-    dropped = next(k for k, v in cache.items() if v.get("model") == "plain_cnn")
-    del cache[dropped]
-    (out / "results_cache.json").write_text(json.dumps(cache))
+    (out / "runs" / "plain_cnn" / "seed0.json").unlink()
     third = bench.main([*_ARGS, "--out", str(out)])
     assert third["searches_ran"] == 1 and third["trained"] == 1
     # the resumed search counted its spent time: no new trial, the same best
     assert third["searches"]["random"]["best"] == first["searches"]["random"]["best"]
+
+    # Another results folder reads these runs (same recipe, spec, seed) instead of training:
+    # how the benchmark reuses `aanas reproduce mobile --out`'s runs of the MnasNet baselines.
+    other = tmp_path / "other"
+    fourth = bench.main(
+        [*_ARGS, "--out", str(other), "--searches", "train", "--reuse-runs", str(out)]
+    )
+    assert fourth["trained"] <= 1  # at most the train search's best, if it found another one
+    rows4 = {r["model"]: r for r in fourth["table"]}
+    for name in hand:
+        record = json.loads((other / "runs" / name / "seed0.json").read_text())
+        assert record["reused_from"].startswith(str(out / "runs"))
+        assert rows4[name]["test_top1"] == rows[name]["test_top1"]
 
 
 def test_bad_arguments_fail_before_any_work(tmp_path: Path) -> None:

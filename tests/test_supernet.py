@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -446,3 +447,33 @@ def test_each_epoch_gets_its_own_shuffle(tiny: SearchSpace) -> None:
         sampler.set_epoch(epoch)
         expected += list(sampler)
     assert seen == expected and seen[:n] != seen[n:]
+
+
+def test_lr_is_cosine_over_the_planned_steps_without_a_budget(tiny: SearchSpace) -> None:
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(2, 3, 32, 32, generator=gen), torch.randint(0, 10, (2,)))]
+    out = train_supernet(SuperNet(tiny), data, SupernetRecipe(epochs=4, lr=0.1, n_random=0))
+    # one step per epoch; the lr recorded is the one that epoch's step used
+    expected = [0.1 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert [m["lr"] for m in out["epochs"]] == pytest.approx(expected)
+    assert out["steps"] == out["planned_steps"] == 4
+
+
+def test_time_budget_compresses_the_schedule_to_fit(tiny: SearchSpace) -> None:
+    """A budget far shorter than the planned steps: training stops when it is spent, having
+    passed every shrinking phase with the lr annealed (not cut off in phase 1 at full lr)."""
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(2, 3, 32, 32, generator=gen), torch.randint(0, 10, (2,)))]
+    budget = 3.0
+    recipe = SupernetRecipe(epochs=100_000, lr=0.1, n_random=1, time_budget_s=budget)
+    out = train_supernet(SuperNet(tiny), data, recipe)
+    assert 0 < out["steps"] < out["planned_steps"] == 100_000
+    assert budget <= out["seconds"] < budget + 60  # ran until the budget, one step past at most
+    phases = [m["elastic"] for m in out["epochs"]]
+    assert phases[0] == [] and phases[-1] == sorted(recipe.shrink_order)
+    assert all(set(a) <= set(b) for a, b in zip(phases, phases[1:], strict=False))
+    lrs = [m["lr"] for m in out["epochs"]]
+    assert lrs[0] == pytest.approx(0.1, rel=0.1) and lrs[-1] < 0.05
+    assert lrs == sorted(lrs, reverse=True)
+    with pytest.raises(ValueError, match="time_budget_s"):
+        SupernetRecipe(time_budget_s=-1.0)

@@ -279,10 +279,17 @@ def load_supernet(space: Any, path: Path, device: str) -> Any:
 
 
 def prepare_supernet(
-    recipe: SearchRecipe, space: Any, data: Any, *, path: Path, device: str
+    recipe: SearchRecipe,
+    space: Any,
+    data: Any,
+    *,
+    path: Path,
+    device: str,
+    time_budget_s: float = 0.0,
 ) -> Any:
     """Train the space's supernet once, or load it: ``recipe.supernet``, else ``path`` if it
-    exists (a resumed search), else train and save to ``path`` (atomically)."""
+    exists (a resumed search), else train and save to ``path`` (atomically). ``time_budget_s``
+    (> 0) bounds the training (:attr:`aanas.config.SupernetRecipe.time_budget_s`)."""
     from aanas.supernet import SuperNet, train_supernet
 
     source = Path(recipe.supernet) if recipe.supernet else path
@@ -302,6 +309,7 @@ def prepare_supernet(
             seed=recipe.seed,
             device=device,
             max_batches=recipe.max_train_batches or None,
+            time_budget_s=time_budget_s,
         )
     supernet.save(path)
     return supernet

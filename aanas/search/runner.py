@@ -179,17 +179,37 @@ def _check_resume(run_dir: RunDirectory, recipe: SearchRecipe) -> None:
 
 
 def _prepare_supernet(
-    recipe: SearchRecipe, space: Any, data: Any, run_dir: RunDirectory, device: str
+    recipe: SearchRecipe,
+    space: Any,
+    data: Any,
+    run_dir: RunDirectory,
+    device: str,
+    deadline: float | None,
 ) -> Any:
     """Train the supernet once per run directory: workers started together queue on a file lock,
-    the first trains and saves ``supernet.pt`` (atomically), the others then load it."""
+    the first trains and saves ``supernet.pt`` (atomically), the others then load it.
+
+    Under ``--timeout-min`` (``deadline``, Unix time) the training gets
+    ``supernet_budget_share`` of the budget, and never more than is left: its schedule is
+    compressed to fit, so candidates are evaluated in the rest.
+    """
     from aanas.search._locks import FileLock
     from aanas.search.evaluators import prepare_supernet
 
+    budget = 0.0
+    if deadline is not None:
+        share = recipe.supernet_budget_share * recipe.timeout_min * 60.0
+        budget = max(1.0, min(share, deadline - time.time()))
+
+    def prepare() -> Any:
+        return prepare_supernet(
+            recipe, space, data, path=run_dir.supernet_pt, device=device, time_budget_s=budget
+        )
+
     if recipe.supernet:
-        return prepare_supernet(recipe, space, data, path=run_dir.supernet_pt, device=device)
+        return prepare()
     with FileLock(run_dir.path / ".supernet.lock"):
-        return prepare_supernet(recipe, space, data, path=run_dir.supernet_pt, device=device)
+        return prepare()
 
 
 def _best_state(objective: Objective, best: TrialResult) -> Any:
@@ -285,7 +305,7 @@ def run_search(
         }
     )
     if evaluator is None and recipe.evaluator == "supernet":
-        supernet = _prepare_supernet(recipe, space, data, run_dir, device)
+        supernet = _prepare_supernet(recipe, space, data, run_dir, device, clock.deadline)
         clock.touch()  # its training time is spent even if this session is killed later
 
     def in_process_objective() -> Objective:
