@@ -61,7 +61,7 @@ def read_run_record(path: Path, identity: str) -> dict[str, Any] | None:
 def write_run_record(path: Path, identity: str, metrics: dict[str, Any]) -> dict[str, Any]:
     """Write ``metrics`` under ``identity`` atomically; returns them as stored (NaN/inf become
     None, so strict JSON), which is what a later :func:`read_run_record` gives back."""
-    record = json_safe(metrics)
+    record: dict[str, Any] = json_safe(metrics)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps({"identity": identity, **record}, sort_keys=True) + "\n")
     return record

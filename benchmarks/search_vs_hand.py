@@ -431,7 +431,7 @@ def report_markdown(
         lines.append(
             f"| {r['model']} | {r['macs'] / 1e6:.2f} | {r['params'] / 1e6:.3f} | "
             f"{r['latency_ms']:.2f} | {r['test_top1_mean']:.2f} +- {r['test_top1_std']:.2f} | "
-            f"{r['val_top1_mean']:.2f} | {_fmt(r['search_val_top1'])} | "
+            f"{_fmt(r['val_top1_mean'])} | {_fmt(r['search_val_top1'])} | "
             f"{_fmt(r['search_wall_min'], 1)} | {r['trials_evaluated'] or '-'} |"
         )
     lines += ["", "## Goal: found model >= every baseline's mean test top-1 at <= its MACs", ""]
