@@ -452,7 +452,7 @@ def reproduce_mobile(
                     out_dir=runs_dir / f"seed{seed}" if runs_dir and keep_checkpoints else None,
                     progress=progress,
                 )
-                record = {"seed": seed, **metrics}
+                record = json_safe({"seed": seed, **metrics})  # as stored: reruns compare equal
                 if runs_dir is not None:  # written at once: a killed run resumes after it
                     record = write_run_record(runs_dir / f"seed{seed}.json", ident, record)
             runs.setdefault(key, []).append(record)

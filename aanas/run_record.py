@@ -31,7 +31,13 @@ from aanas._io import atomic_write_text, json_safe
 from aanas.config import TrainRecipe, recipe_to_dict
 from aanas.data import canonical_data_name
 
-__all__ = ["find_run_record", "read_run_record", "run_identity", "write_run_record"]
+__all__ = [
+    "find_run_record",
+    "read_run_record",
+    "recorded_run",
+    "run_identity",
+    "write_run_record",
+]
 
 _LOG = logging.getLogger(__name__)
 
@@ -79,6 +85,24 @@ def find_run_record(
             if record is not None:
                 return path, record
     return None
+
+
+def recorded_run(
+    path: Path, identity: str, reuse: Iterable[Path] = ()
+) -> tuple[dict[str, Any], str] | None:
+    """The run recorded at ``path``, else one with ``identity`` under ``path``'s runs folder's
+    parent or ``reuse`` (copied to ``path`` with ``reused_from``, so the folder stays complete);
+    (record, how it was found), or None when the run has to be trained."""
+    record = read_run_record(path, identity)
+    if record is not None:
+        return record, "recorded"
+    found = find_run_record([path.parent.parent, *reuse], identity, path.name)
+    if found is None:
+        return None
+    source, record = found
+    return write_run_record(path, identity, {**record, "reused_from": str(source)}), (
+        f"reused from {source}"
+    )
 
 
 def _load(path: Path, identity: str) -> dict[str, Any] | None:

@@ -62,7 +62,7 @@ from aanas.cost.latency import measure
 from aanas.data import build_recipe_data
 from aanas.models import create_model
 from aanas.results import TrialResult, pareto
-from aanas.run_record import find_run_record, read_run_record, run_identity, write_run_record
+from aanas.run_record import recorded_run, run_identity, write_run_record
 from aanas.search import RunDirectory, run_search
 from aanas.space import SearchSpace
 from aanas.spec import ArchSpec, decode
@@ -111,7 +111,7 @@ class Candidate:
     @property
     def ident_spec(self) -> str:
         """What a run record's identity hashes as the architecture: the spec string, or the
-        CNN's name (its recipe's ``model`` field is empty; the class is fixed)."""
+        CNN's name (identities drop the recipe's ``model`` field; the class is fixed)."""
         return self.spec.encode() if self.spec is not None else CNN
 
     def build(self, num_classes: int) -> nn.Module:
@@ -297,15 +297,10 @@ def train_all(
             recipe = recipe_for(cand, args, seed)
             ident = run_identity(recipe, cand.ident_spec)
             path = runs_dir / cand.name.replace(":", "_") / f"seed{seed}.json"
-            record = read_run_record(path, ident)
-            how = "recorded"
-            if record is None:
-                found = find_run_record([runs_dir, *args.reuse_runs], ident, path.name)
-                if found is not None:
-                    source, record = found
-                    record = write_run_record(path, ident, {**record, "reused_from": str(source)})
-                    how = f"reused from {source}"
-            if record is None:
+            found = recorded_run(path, ident, args.reuse_runs)
+            if found is not None:
+                record, how = found
+            else:
                 # the loaders' shuffling follows recipe.seed: one bundle per (data fields, seed)
                 data_key = digest(recipe_to_dict(dataclasses.replace(recipe, model="")))
                 if data_key not in data_cache:

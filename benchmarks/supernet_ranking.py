@@ -47,7 +47,7 @@ from aanas.config import SupernetRecipe, TrainRecipe, apply_overrides, load_reci
 from aanas.cost import count_spec
 from aanas.data import DataBundle, build_recipe_data
 from aanas.models import create_model
-from aanas.run_record import find_run_record, read_run_record, run_identity, write_run_record
+from aanas.run_record import recorded_run, run_identity, write_run_record
 from aanas.search.ranking import RankingReport, ranking_report, stratified_by_macs
 from aanas.space import SearchSpace
 from aanas.spec import ArchSpec
@@ -95,14 +95,10 @@ def standalone_results(
     for i, spec in enumerate(specs):
         ident = run_identity(recipe, spec.encode())
         path = runs_dir / spec.digest() / f"seed{recipe.seed}.json"
-        record = read_run_record(path, ident)
-        state = "recorded"
-        if record is None:
-            found = find_run_record([runs_dir, *reuse], ident, path.name)
-            if found is not None:
-                record = write_run_record(path, ident, {**found[1], "reused_from": str(found[0])})
-                state = "reused"
-        if record is None:
+        found = recorded_run(path, ident, reuse)
+        if found is not None:
+            record, state = found
+        else:
             seed_everything(recipe.seed)
             model = create_model(spec)
             metrics = fit(model, data, recipe, device=device, progress=False, evaluate_test=True)
