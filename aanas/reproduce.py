@@ -47,7 +47,7 @@ from typing import Any
 from aanas import __version__
 from aanas._io import atomic_write_text, json_safe
 from aanas.config import TrainRecipe, load_recipe, recipe_to_dict
-from aanas.run_record import read_run_record, run_identity, write_run_record
+from aanas.run_record import partial_run, read_run_record, run_identity, write_run_record
 
 __all__ = [
     "DEFAULT_RECIPE",
@@ -444,12 +444,18 @@ def reproduce_mobile(
                 _LOG.info("reproduce: %s seed %d read back from %s", label, seed, runs_dir)
             else:
                 _LOG.info("reproduce: training %s, seed %d", label, seed)
+                work, resume = None, None
+                if runs_dir is not None and keep_checkpoints:
+                    work = runs_dir / f"seed{seed}"
+                elif runs_dir is not None:  # checkpoints until recorded: a kill loses an epoch
+                    work, resume = partial_run(runs_dir / f"seed{seed}.json", ident)
                 metrics = fit(
                     model,
                     bundle,
                     run_recipe,
                     device=device,
-                    out_dir=runs_dir / f"seed{seed}" if runs_dir and keep_checkpoints else None,
+                    out_dir=work,
+                    resume=resume,
                     progress=progress,
                 )
                 record = json_safe({"seed": seed, **metrics})  # as stored: reruns compare equal

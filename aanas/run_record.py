@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from aanas.data import canonical_data_name
 
 __all__ = [
     "find_run_record",
+    "partial_run",
     "read_run_record",
     "recorded_run",
     "run_identity",
@@ -64,13 +66,43 @@ def read_run_record(path: Path, identity: str) -> dict[str, Any] | None:
     return stored
 
 
+def partial_run(path: Path, identity: str) -> tuple[Path, Path | None]:
+    """Where the run to be recorded at ``path`` keeps its checkpoints while it trains, and the
+    checkpoint to continue from (None: start afresh).
+
+    Pass them to :func:`aanas.train.fit` as ``out_dir`` and ``resume``: it writes ``last.pt``
+    after every epoch, so a command killed in the middle of a run continues that run from its
+    last finished epoch instead of from scratch. The folder (``seed<k>.partial/`` beside the
+    record) belongs to one identity: one left by another recipe or spec is emptied first.
+    :func:`write_run_record` removes it once the run is recorded.
+    """
+    work = _partial_dir(path)
+    tag = work / "identity"
+    if work.is_dir() and (not tag.is_file() or tag.read_text(encoding="utf-8") != identity):
+        _LOG.info("%s holds another run's checkpoints; starting this run afresh", work)
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(tag, identity)
+    last = work / "last.pt"
+    return work, (last if last.is_file() else None)
+
+
 def write_run_record(path: Path, identity: str, metrics: dict[str, Any]) -> dict[str, Any]:
     """Write ``metrics`` under ``identity`` atomically; returns them as stored (NaN/inf become
-    None, so strict JSON), which is what a later :func:`read_run_record` gives back."""
+    None, so strict JSON), which is what a later :func:`read_run_record` gives back. The run's
+    :func:`partial_run` checkpoints are removed (the record no longer points at them)."""
+    work = _partial_dir(path)
+    if str(metrics.get("checkpoint") or "").startswith(str(work)):
+        metrics = {**metrics, "checkpoint": None}
     record: dict[str, Any] = json_safe(metrics)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps({"identity": identity, **record}, sort_keys=True) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
     return record
+
+
+def _partial_dir(path: Path) -> Path:
+    return path.with_name(path.stem + ".partial")
 
 
 def find_run_record(

@@ -34,6 +34,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -655,6 +656,7 @@ def train_supernet(
     seed: int = 0,
     device: str | torch.device = "cpu",
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Train the shared weights (SGD, Nesterov momentum 0.9, cosine LR over all steps).
@@ -677,6 +679,12 @@ def train_supernet(
         seed: seeds the path sampler (``numpy.random.default_rng``) and torch.
         device: training device.
         on_epoch: called as ``on_epoch(epoch, metrics)`` after each epoch.
+        checkpoint: a file that holds the training state after every finished epoch (weights,
+            optimiser, sampler and torch RNG, steps, time spent), written atomically. If it
+            exists when training starts, training continues after its last epoch, so a killed
+            run loses at most one epoch; the time spent before counts against
+            ``time_budget_s``. A state of another space, seed or recipe (``time_budget_s``
+            aside) is ignored with a warning. Deleted once training ends.
         **overrides: fields of the recipe to replace (``epochs=2, lr=0.1, max_batches=None``).
 
     Returns:
@@ -708,8 +716,17 @@ def train_supernet(
         supernet.parameters(), lr=rec.lr, momentum=0.9, weight_decay=rec.weight_decay, nesterov=True
     )
     history: list[dict[str, Any]] = []
-    start = time.perf_counter()
-    global_step = 0
+    global_step, first_epoch, spent_before = 0, 0, 0.0
+    resumed = _load_progress(checkpoint, supernet, seed, rec)
+    if resumed is not None:
+        opt.load_state_dict(resumed["optimizer"])
+        rng.bit_generator.state = resumed["sampler_rng"]
+        torch.set_rng_state(resumed["torch_rng"])
+        history = list(resumed["history"])
+        global_step, spent_before = int(resumed["steps"]), float(resumed["seconds"])
+        first_epoch = int(resumed["epoch"]) + 1
+        logger.info("supernet: resuming after epoch %d from %s", first_epoch - 1, checkpoint)
+    start = time.perf_counter() - spent_before
     progress = 0.0  # of the schedule: steps done, or budget spent if that is further
 
     def _progress() -> float:
@@ -718,7 +735,8 @@ def train_supernet(
             done = max(done, (time.perf_counter() - start) / rec.time_budget_s)
         return min(done, 1.0)
 
-    for epoch in range(rec.epochs):
+    for epoch in range(first_epoch, rec.epochs):
+        progress = _progress()
         if progress >= 1.0:
             break
         t0 = time.perf_counter()
@@ -773,6 +791,14 @@ def train_supernet(
         }
         history.append(metrics)
         logger.info("supernet epoch %d: %s", epoch, metrics)
+        if checkpoint is not None:
+            progress_state = {
+                "epoch": epoch,
+                "steps": global_step,
+                "seconds": time.perf_counter() - start,
+                "history": history,
+            }
+            _save_progress(checkpoint, supernet, opt, rng, seed, rec, progress_state)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
     if rec.time_budget_s > 0 and global_step < total_steps:
@@ -783,6 +809,8 @@ def train_supernet(
             global_step,
             total_steps,
         )
+    if checkpoint is not None:
+        Path(checkpoint).unlink(missing_ok=True)
     return {
         "epochs": history,
         "seconds": time.perf_counter() - start,
@@ -790,6 +818,80 @@ def train_supernet(
         "planned_steps": total_steps,
         "recipe": dataclasses.asdict(rec),
     }
+
+
+# Bumped when the progress payload changes; an older file is then ignored (training restarts).
+_PROGRESS_VERSION = 1
+
+
+def _progress_key(supernet: SuperNet, seed: int, rec: SupernetRecipe) -> dict[str, Any]:
+    """What a saved training state must match to be continued: the budget may differ (a
+    resumed search passes what is left of it), nothing else may."""
+    fields = {k: v for k, v in dataclasses.asdict(rec).items() if k != "time_budget_s"}
+    return {
+        "version": _PROGRESS_VERSION,
+        "space": supernet.space.name,
+        "supernet_version": supernet._version,
+        "seed": seed,
+        "recipe": repr(sorted(fields.items())),
+    }
+
+
+def _save_progress(
+    path: str | os.PathLike[str],
+    supernet: SuperNet,
+    opt: torch.optim.Optimizer,
+    rng: np.random.Generator,
+    seed: int,
+    rec: SupernetRecipe,
+    progress_state: dict[str, Any],
+) -> None:
+    """Write the state :func:`_load_progress` continues from (``progress_state``: epoch,
+    steps, seconds, history) atomically: a kill while writing leaves the previous one."""
+    payload = {
+        "key": _progress_key(supernet, seed, rec),
+        **progress_state,
+        "state_dict": supernet.state_dict(),
+        "optimizer": opt.state_dict(),
+        "sampler_rng": rng.bit_generator.state,
+        "torch_rng": torch.get_rng_state(),
+    }
+    with atomic_open(path, "wb") as fh:
+        torch.save(payload, fh)
+
+
+def _load_progress(
+    path: str | os.PathLike[str] | None, supernet: SuperNet, seed: int, rec: SupernetRecipe
+) -> dict[str, Any] | None:
+    """The saved state at ``path`` loaded into ``supernet``, or None (no file, or a state this
+    run cannot continue: that is logged, and the file is overwritten after the first epoch)."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        payload = load_torch_file(path, "supernet training state")
+    except CheckpointError as exc:
+        logger.warning("supernet: %s; training from the start", exc)
+        return None
+    key = _progress_key(supernet, seed, rec)
+    if not isinstance(payload, dict) or payload.get("key") != key:
+        found = payload.get("key") if isinstance(payload, dict) else None
+        diff = sorted(k for k in key if not isinstance(found, dict) or found.get(k) != key[k])
+        logger.warning(
+            "supernet: training state %s is of another run (differs in %s); training from the "
+            "start",
+            path,
+            ", ".join(diff) or "format",
+        )
+        return None
+    own = supernet.state_dict()
+    saved = payload.get("state_dict")
+    if not isinstance(saved, dict) or {k: tuple(v.shape) for k, v in saved.items()} != {
+        k: tuple(v.shape) for k, v in own.items()
+    }:
+        logger.warning("supernet: training state %s does not fit; training from the start", path)
+        return None
+    supernet.load_state_dict(saved, strict=True)
+    return payload
 
 
 def _bn_rows(

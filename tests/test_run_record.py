@@ -13,7 +13,13 @@ import pytest
 from aanas.config import TrainRecipe
 from aanas.data import canonical_data_name
 from aanas.models import create_model
-from aanas.run_record import find_run_record, read_run_record, run_identity, write_run_record
+from aanas.run_record import (
+    find_run_record,
+    partial_run,
+    read_run_record,
+    run_identity,
+    write_run_record,
+)
 
 
 @pytest.fixture
@@ -79,3 +85,17 @@ def test_find_looks_under_every_root_and_skips_other_runs(tmp_path: Path) -> Non
     assert found is not None
     assert found[0] == b / "deep" / "er" / "seed0.json" and found[1] == {"test_top1": 0.7}
     assert find_run_record([a], "want", "seed0.json") is None
+
+
+def test_partial_run_belongs_to_one_identity_and_goes_with_the_record(tmp_path: Path) -> None:
+    path = tmp_path / "runs" / "m" / "seed0.json"
+    work, resume = partial_run(path, "a")
+    assert work == path.with_name("seed0.partial") and work.is_dir() and resume is None
+    (work / "last.pt").write_bytes(b"epoch 3")  # what fit(out_dir=work) leaves after a kill
+    assert partial_run(path, "a") == (work, work / "last.pt")
+    assert partial_run(path, "b") == (work, None)  # another recipe's checkpoint: not resumed
+    assert not (work / "last.pt").exists()
+    (work / "last.pt").write_bytes(b"epoch 12")
+    record = write_run_record(path, "b", {"test_top1": 0.5, "checkpoint": str(work / "last.pt")})
+    assert record["checkpoint"] is None and not work.exists()  # recorded: checkpoints go
+    assert read_run_record(path, "b") == record

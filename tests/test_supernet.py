@@ -477,3 +477,72 @@ def test_time_budget_compresses_the_schedule_to_fit(tiny: SearchSpace) -> None:
     assert lrs == sorted(lrs, reverse=True)
     with pytest.raises(ValueError, match="time_budget_s"):
         SupernetRecipe(time_budget_s=-1.0)
+
+
+def _kill_after(epoch: int):  # type: ignore[no-untyped-def]
+    def on_epoch(e: int, metrics: dict[str, float]) -> None:
+        if e == epoch:
+            raise KeyboardInterrupt  # what a kill between two epochs leaves behind
+
+    return on_epoch
+
+
+def test_killed_training_resumes_where_it_stopped(tiny: SearchSpace, tmp_path: Path) -> None:
+    """A run killed after epoch 1 and restarted with the same checkpoint ends with exactly
+    the weights and history of a run that was never interrupted (sampler and torch RNG,
+    optimiser momentum and the lr schedule all continue)."""
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(2, 3, 32, 32, generator=gen), torch.randint(0, 10, (2,))) for _ in "ab"]
+    recipe = SupernetRecipe(epochs=4, lr=0.1, n_random=1)  # sandwich, distill, shrink
+
+    def fresh() -> SuperNet:
+        torch.manual_seed(1)
+        return SuperNet(tiny)
+
+    whole = fresh()
+    ref = train_supernet(whole, data, recipe, seed=3)
+    state = tmp_path / "progress.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train_supernet(fresh(), data, recipe, seed=3, checkpoint=state, on_epoch=_kill_after(1))
+    assert state.is_file()
+    resumed = SuperNet(tiny)  # other initial weights: the saved ones replace them
+    out = train_supernet(resumed, data, recipe, seed=3, checkpoint=state)
+    assert not state.exists()  # done: the state is removed
+    assert out["steps"] == ref["steps"] == 8
+    assert [m["train_loss"] for m in out["epochs"]] == [m["train_loss"] for m in ref["epochs"]]
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_training_state_of_another_run_is_not_continued(
+    tiny: SearchSpace, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(2, 3, 32, 32, generator=gen), torch.randint(0, 10, (2,)))]
+    state = tmp_path / "progress.pt"
+    recipe = SupernetRecipe(epochs=3, lr=0.1, n_random=0)
+    with pytest.raises(KeyboardInterrupt):
+        train_supernet(SuperNet(tiny), data, recipe, checkpoint=state, on_epoch=_kill_after(0))
+    other = SupernetRecipe(epochs=3, lr=0.05, n_random=0)
+    with caplog.at_level("WARNING", logger="aanas.supernet"):
+        out = train_supernet(SuperNet(tiny), data, other, checkpoint=state)
+    assert out["steps"] == 3 and "differs in recipe" in caplog.text
+    state.write_bytes(b"not a checkpoint")
+    out = train_supernet(SuperNet(tiny), data, other, checkpoint=state)
+    assert out["steps"] == 3
+
+
+def test_time_spent_before_a_kill_counts_against_the_budget(
+    tiny: SearchSpace, tmp_path: Path
+) -> None:
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(2, 3, 32, 32, generator=gen), torch.randint(0, 10, (2,)))]
+    state = tmp_path / "progress.pt"
+    recipe = SupernetRecipe(epochs=50, lr=0.1, n_random=0, time_budget_s=600.0)
+    with pytest.raises(KeyboardInterrupt):
+        train_supernet(SuperNet(tiny), data, recipe, checkpoint=state, on_epoch=_kill_after(1))
+    payload = torch.load(state, weights_only=True)
+    payload["seconds"] = 599.999  # as if the two epochs had taken (almost) the whole budget
+    torch.save(payload, state)
+    out = train_supernet(SuperNet(tiny), data, recipe, checkpoint=state)
+    assert out["steps"] <= 3 and out["planned_steps"] == 50

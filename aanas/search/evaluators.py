@@ -289,7 +289,9 @@ def prepare_supernet(
 ) -> Any:
     """Train the space's supernet once, or load it: ``recipe.supernet``, else ``path`` if it
     exists (a resumed search), else train and save to ``path`` (atomically). ``time_budget_s``
-    (> 0) bounds the training (:attr:`aanas.config.SupernetRecipe.time_budget_s`)."""
+    (> 0) bounds the training (:attr:`aanas.config.SupernetRecipe.time_budget_s`). Training
+    keeps its state after each epoch in ``<path stem>.progress.pt``: a search killed while
+    its supernet trains continues from the last finished epoch."""
     from aanas.supernet import SuperNet, train_supernet
 
     source = Path(recipe.supernet) if recipe.supernet else path
@@ -310,6 +312,7 @@ def prepare_supernet(
             device=device,
             max_batches=recipe.max_train_batches or None,
             time_budget_s=time_budget_s,
+            checkpoint=path.with_name(path.stem + ".progress.pt"),
         )
     supernet.save(path)
     return supernet
