@@ -352,6 +352,12 @@ _SEARCH_FLAGS: tuple[tuple[str, str, str], ...] = (
     ),
     ("--study-name", "study_name", "study name in the storage; none: the run name"),
     ("--baselines", "baselines", "comma-separated registered models evaluated for reference"),
+    (
+        "--warm-start",
+        "warm_start",
+        "comma-separated registered models in the space, evaluated first (e.g. "
+        "mnasnet_a1_cifar_050); spec strings go in a --config YAML list",
+    ),
     ("--top-k", "top_k", "rows of the summary table"),
     ("--address", "address", "Ray cluster address to join; none: start a local Ray"),
     ("--cpus-per-trial", "cpus_per_trial", "Ray: CPUs per trial"),

@@ -525,6 +525,11 @@ class SearchRecipe:
     heartbeat_s: int = 10  # RDB storages: heartbeat of running trials ...
     grace_s: int = 30  # ... a trial silent this long is marked lost (FAIL, not counted)
     baselines: tuple[str, ...] = ()  # registered model names evaluated as reference points
+    # architectures (registered names, or spec strings in a YAML list) the search evaluates
+    # first, before its sampler proposes anything: a known good design (the hand-made MnasNet)
+    # is then certainly considered and TPE models the space from it (Optuna's enqueue_trial,
+    # Ray's points_to_evaluate). Each must be a point of the space. Read when a study is created.
+    warm_start: tuple[str, ...] = ()
     top_k: int = 10  # rows of the summary table
     # --- Ray Tune --------------------------------------------------------------------------------
     address: str | None = None  # join this Ray cluster (None: start a local one)
@@ -618,6 +623,7 @@ class SearchRecipe:
         """JSON-ready settings (written to the run directory's ``run.json``)."""
         out = dataclasses.asdict(self)
         out["baselines"] = list(self.baselines)
+        out["warm_start"] = list(self.warm_start)
         return out
 
 

@@ -359,6 +359,20 @@ def test_ray_search_writes_run_dir_and_resumes(tmp_path, ray_local):
     assert [r.spec for r in again.results] == [r.spec for r in outcome.results]
 
 
+def _specs_of_space(n: int, seed: int = 5) -> list[str]:
+    space = SearchSpace.from_yaml("tiny")
+    rng = np.random.default_rng(seed)
+    return [space.sample(rng).encode() for _ in range(n)]
+
+
+@pytest.mark.slow
+def test_ray_search_evaluates_warm_start_points(tmp_path, ray_local):
+    (first,) = _specs_of_space(1)
+    recipe = _fast(engine="ray", trials=2, cpus_per_trial=1, warm_start=(first,))
+    outcome = run_search(recipe, out=tmp_path / "ray", evaluator=SpecEvaluator(), progress=False)
+    assert first in [r.spec for r in outcome.results]
+
+
 # --- the cost a trial is judged on (measured, else predicted latency) ---------------------------
 
 EIGHT = """
@@ -619,3 +633,39 @@ def test_ray_engine_refuses_a_timeout_before_starting_ray(tmp_path):
             evaluator=SpecEvaluator(),
             progress=False,
         )
+
+
+# --- warm start --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_warm_start_architectures_are_evaluated_first(tmp_path, sampler):
+    first = _specs_of_space(2)
+    evaluator = SpecEvaluator()
+    recipe = _fast(trials=5, sampler=sampler, warm_start=tuple(first))
+    outcome = run_search(recipe, out=tmp_path / "s", evaluator=evaluator, progress=False)
+    assert evaluator.seen[:2] == first
+    assert [r.spec for r in sorted(outcome.results, key=lambda r: r.number)][:2] == first
+    # resumed with more trials: the study exists, so nothing is enqueued (evaluated) again
+    again = run_search(
+        _fast(trials=7, sampler=sampler, warm_start=tuple(first)),
+        out=tmp_path / "s",
+        evaluator=evaluator,
+        progress=False,
+    )
+    assert len(again.results) == 7 and evaluator.seen.count(first[0]) == 1
+
+
+def test_warm_start_outside_the_space_fails_before_anything_runs(tmp_path):
+    from aanas.errors import RecipeError
+
+    out = tmp_path / "s"
+    for entry, words in [
+        ("resnet18", "not in this space"),
+        ("mnasnet_a1_cifar_05", "unknown architecture"),
+    ]:
+        with pytest.raises(
+            RecipeError, match=f"warm_start: '{entry}' cannot start tiny: .*{words}"
+        ):
+            run_search(_fast(warm_start=(entry,)), out=out, evaluator=SpecEvaluator())
+    assert not out.exists()

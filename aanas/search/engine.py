@@ -50,6 +50,8 @@ class SearchContext:
         evaluator: a custom evaluator replacing the one the recipe names (tests, predictors).
         deadline: Unix time after which no new trial may start (``--timeout-min``; None: no
             limit). Running trials finish, as with Optuna's ``study.optimize(timeout=...)``.
+        warm_start: parameter dicts (``space.encode_params``) of the architectures a new study
+            evaluates first (``recipe.warm_start``, checked and encoded at start-up).
     """
 
     space: Any
@@ -59,6 +61,7 @@ class SearchContext:
     study_name: str
     evaluator: Evaluator | None = None
     deadline: float | None = None
+    warm_start: tuple[dict[str, Any], ...] = ()
 
     def out_of_time(self) -> bool:
         """True once the wall-clock budget is spent: start no new trial."""

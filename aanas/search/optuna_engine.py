@@ -375,8 +375,10 @@ class OptunaEngine(SearchEngine):
             key = {"space": getattr(self.space, "name", ""), "score": self.recipe.score}
             attrs = study.user_attrs
             stored = attrs.get(_STUDY_KEY)
-            if stored is None:
+            if stored is None:  # a new study: its first trials are the warm-start ones
                 study.set_user_attr(_STUDY_KEY, key)
+                for params in self.ctx.warm_start:
+                    study.enqueue_trial(params, skip_if_exists=True)
             elif stored != key:
                 raise RecipeError(
                     f"study {self.study_name!r} was created for {stored}, not {key}: use "

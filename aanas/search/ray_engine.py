@@ -386,8 +386,13 @@ class RayEngine(SearchEngine):
         from aanas.search.adapters import ray_param_space
 
         multi = self.scorer.multi_objective
+        first = [dict(p) for p in self.ctx.warm_start] or None  # evaluated before sampling
         if self.recipe.sampler == "random":
-            return None, ray_param_space(self.space)
+            if first is None:
+                return None, ray_param_space(self.space)
+            from ray.tune.search import BasicVariantGenerator
+
+            return BasicVariantGenerator(points_to_evaluate=first), ray_param_space(self.space)
         from ray.tune.search.optuna import OptunaSearch
 
         sampler = optuna_sampler(self.recipe, self.scorer)
@@ -396,6 +401,7 @@ class RayEngine(SearchEngine):
             metric=["accuracy", "cost"] if multi else "score",
             mode=["max", "min"] if multi else "max",
             sampler=sampler,
+            points_to_evaluate=first,
         )
         if self.recipe.max_concurrent:
             alg = ConcurrencyLimiter(alg, max_concurrent=self.recipe.max_concurrent)

@@ -166,6 +166,31 @@ def _validate_baselines(names: Sequence[str]) -> None:
             raise RecipeError(f"baselines: unknown model {name!r} ({msg})") from None
 
 
+def warm_start_params(names: Sequence[str], space: Any) -> tuple[dict[str, Any], ...]:
+    """The space parameters of each ``recipe.warm_start`` entry (a registered name or a spec
+    string), at the space's input size and classes.
+
+    Raises:
+        RecipeError: an unknown name, a bad spec string, or an architecture the space cannot
+            express (it names the entry and the space).
+    """
+    from aanas.models import get_spec
+    from aanas.spec import decode
+
+    out = []
+    for name in names:
+        try:
+            spec = decode(name) if ":" in name else get_spec(name)
+            spec = dataclasses.replace(
+                spec, input_size=space.base.input_size, num_classes=space.base.num_classes
+            )
+            out.append(space.encode_params(spec))
+        except (KeyError, ValueError) as exc:
+            msg = " ".join(str(exc).strip("'\"").split()).removeprefix(f"{space.name}: ")[:300]
+            raise RecipeError(f"warm_start: {name!r} cannot start {space.name}: {msg}") from None
+    return tuple(out)
+
+
 def _check_resume(run_dir: RunDirectory, recipe: SearchRecipe) -> None:
     """Settings that would make a resumed run incomparable must match the first run's."""
     meta = run_dir.read_meta()
@@ -261,6 +286,7 @@ def run_search(
     start_unix = time.time()
     space = SearchSpace.from_yaml(recipe.space)
     _validate_baselines(recipe.baselines)
+    warm_start = warm_start_params(recipe.warm_start, space)
     latency_fns(recipe)  # a bad latency table fails here, not in every trial
     run_dir = RunDirectory(out or Path("runs") / default_run_name(recipe)).create()
     _check_resume(run_dir, recipe)
@@ -275,6 +301,7 @@ def run_search(
         study_name=recipe.study_name or run_dir.path.resolve().name,
         evaluator=evaluator,
         deadline=clock.deadline,
+        warm_start=warm_start,
     )
     engine = get_engine(recipe.engine)(ctx)
     engine.check()  # fail fast on a bad --storage / cluster, before any training
