@@ -47,7 +47,7 @@ from aanas.config import SupernetRecipe, TrainRecipe, apply_overrides, load_reci
 from aanas.cost import count_spec
 from aanas.data import DataBundle, build_recipe_data
 from aanas.models import create_model
-from aanas.run_record import recorded_run, run_identity, write_run_record
+from aanas.run_record import partial_run, recorded_run, run_identity, write_run_record
 from aanas.search.ranking import RankingReport, ranking_report, stratified_by_macs
 from aanas.space import SearchSpace
 from aanas.spec import ArchSpec
@@ -64,6 +64,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "+distill": {"rule": "sandwich", "distill": True, "shrink": False},
     "+shrink": {"rule": "sandwich", "distill": True, "shrink": True},
 }
+
+# --proxy: the train evaluator of search_vs_hand.py's train search (2 epochs of <= 156 steps).
+_PROXY = ("epochs=2", "max_train_batches=156")
 
 # --tiny: a minutes-long smoke run on the tiny space (every step runs, tiny budgets).
 _TINY = {
@@ -101,12 +104,23 @@ def standalone_results(
         else:
             seed_everything(recipe.seed)
             model = create_model(spec)
-            metrics = fit(model, data, recipe, device=device, progress=False, evaluate_test=True)
+            work, resume = partial_run(path, ident)  # a killed run continues from its epoch
+            metrics = fit(
+                model,
+                data,
+                recipe,
+                device=device,
+                progress=False,
+                evaluate_test=True,
+                out_dir=work,
+                resume=resume,
+            )
             record = write_run_record(path, ident, {"spec": spec.encode(), **metrics})
             state = "trained"
         row = {
             "spec": spec.encode(),
             "test_top1": float(record["test_top1"]),
+            "val_top1": float(record.get("val_top1") or 0.0),
             "macs": count_spec(spec).macs,
             "seconds": float(record.get("time_s") or 0.0),
         }
@@ -123,6 +137,7 @@ def trained_supernet(
     space: SearchSpace, data: DataBundle, recipe: SupernetRecipe, path: Path, seed: int, device: str
 ) -> tuple[SuperNet, float]:
     """Load the supernet at ``path`` or train it and save it there; (supernet, train seconds).
+    A training killed midway continues from its last finished epoch (``<path stem>.progress.pt``).
 
     The initial weights come from ``seed`` too, so every ablation variant starts from the same
     supernet (otherwise they would depend on what the process ran before).
@@ -139,6 +154,7 @@ def trained_supernet(
         recipe,
         seed=seed,
         device=device,
+        checkpoint=path.with_name(path.stem + ".progress.pt"),
         on_epoch=lambda e, m: print(
             f"  epoch {e}: loss {m['train_loss']:.3f} paths/step {m['paths_per_step']:.2f} "
             f"elastic {','.join(m['elastic']) or '-'} {m['seconds']:.0f} s",
@@ -207,6 +223,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--ablation", action="store_true", help="one supernet per variant")
+    parser.add_argument(
+        "--proxy", action="store_true",
+        help="also rank by the train evaluator's short training (validation top-1, as a "
+        "search sees it), for comparison with the supernet at a known cost",
+    )  # fmt: skip
+    parser.add_argument(
+        "--proxy-set", action="append", default=None, metavar="K=V",
+        help="recipe overrides of the short training (default: search_vs_hand.py's train "
+        "search, epochs=2 max_train_batches=156)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--shard", default=None, metavar="K/N",
+        help="train only the ground-truth runs with index %% N == K, then stop (implies "
+        "--standalone-only): N processes, machines or GPUs share the ground truth through "
+        "--out (or copy their runs/ folders together); a last run without --shard reads "
+        "them all",
+    )  # fmt: skip
+    parser.add_argument(
+        "--standalone-only", action="store_true",
+        help="train (or read) the ground truth and stop: it takes hours on 2 cores, so it can be "
+        "spread over several sittings before the supernets are trained",
+    )  # fmt: skip
     parser.add_argument("--out", default="runs/supernet_ranking", help="cache/results folder")
     parser.add_argument("--tiny", action="store_true", help="minutes-long smoke run")
     args = parser.parse_args(argv)
@@ -224,6 +262,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.out = "runs/supernet_ranking_tiny"
     if args.data is None:
         parser.error("--data is required (or set AANAS_CIFAR10)")
+    if args.shard is not None:
+        k, sep, n = args.shard.partition("/")
+        if not (sep and k.isdigit() and n.isdigit() and int(k) < int(n)):
+            parser.error(f"--shard must look like K/N with 0 <= K < N, got {args.shard!r}")
+        args.shard = (int(k), int(n))
+        args.standalone_only = True
+    if args.proxy_set is None:
+        args.proxy_set = ["epochs=1", "max_train_batches=2"] if args.tiny else list(_PROXY)
     return args
 
 
@@ -248,11 +294,38 @@ def main(argv: list[str] | None = None) -> int:
         f"ground truth: {args.recipe} {' '.join(args.recipe_set)}",
         flush=True,
     )
+    if args.shard is not None:
+        k, n = args.shard
+        specs = specs[k::n]
+        print(f"shard {k}/{n}: {len(specs)} of the architectures", flush=True)
     truth_rows = standalone_results(
         specs, data, recipe, out / "runs", args.device, reuse=args.reuse_runs
     )
     truth = [r["test_top1"] for r in truth_rows]
     t_standalone = sum(r["seconds"] for r in truth_rows)
+    if args.standalone_only:
+        print(
+            f"ground truth complete: {len(truth_rows)} runs, "
+            f"{t_standalone / 60:.0f} min of training"
+        )
+        return 0
+
+    proxy: dict[str, Any] | None = None
+    if args.proxy:
+        proxy_recipe = apply_overrides(recipe, args.proxy_set)
+        print(f"short training: {args.recipe} {' '.join(args.proxy_set)}", flush=True)
+        rows = standalone_results(specs, data, proxy_recipe, out / "proxy_runs", args.device)
+        report = ranking_report(
+            [r["val_top1"] for r in rows], truth, k=args.k, n_resamples=args.bootstrap,
+            seed=args.seed,
+        )  # fmt: skip
+        proxy = {
+            "report": report.to_dict(),
+            "val_top1": [r["val_top1"] for r in rows],
+            "seconds": sum(r["seconds"] for r in rows),
+            "overrides": args.proxy_set,
+        }
+        print(f"  short training: {_fmt(report)}", flush=True)
 
     variants = VARIANTS if args.ablation else {"recipe": {}}
     results: dict[str, Any] = {}
@@ -300,14 +373,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.bootstrap} bootstrap resamples, 95 % intervals:"
     )
     for name, res in results.items():
-        rep = RankingReport(
-            **{
-                **res["report"],
-                "kendall_tau_ci": tuple(res["report"]["kendall_tau_ci"]),
-                "spearman_rho_ci": tuple(res["report"]["spearman_rho_ci"]),
-            }
-        )
+        rep = RankingReport.from_dict(res["report"])
         print(f"  {name:>9}: {_fmt(rep)}  supernet {res['supernet_seconds']:.0f} s")
+    if proxy is not None:
+        rep = RankingReport.from_dict(proxy["report"])
+        print(f"  {'short':>9}: {_fmt(rep)}  training {proxy['seconds']:.0f} s in all")
     summary = {
         "space": space.name,
         "data": args.data,
@@ -317,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         "standalone": truth_rows,
         "standalone_seconds": t_standalone,
         "variants": results,
+        "short_training": proxy,
         "total_seconds": time.perf_counter() - t0,
     }
     with atomic_open(out / "summary.json", "w", encoding="utf-8") as fh:

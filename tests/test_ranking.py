@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from scipy import stats
 from aanas.config import TrainRecipe
 from aanas.cost import count_spec
 from aanas.search.ranking import (
+    RankingReport,
     bootstrap_interval,
     kendall_tau,
     ranking_report,
@@ -114,6 +116,7 @@ def test_top_k_and_report() -> None:
     lo, hi = report.kendall_tau_ci
     assert lo <= report.kendall_tau <= hi <= 1.0
     assert report.to_dict()["spearman_rho_ci"] == list(report.spearman_rho_ci)
+    assert RankingReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report
 
 
 def test_stratified_by_macs_spans_the_range() -> None:
@@ -177,7 +180,53 @@ def test_benchmark_cache_trains_only_what_changed(
     assert [r["test_top1"] for r in again[:3]] == [r["test_top1"] for r in first]
     bench.standalone_results(specs[:1], None, TrainRecipe(epochs=2), runs, "cpu")
     assert len(trained) == 5  # another recipe: trained again, its record replaces the old one
+
+    # A run killed mid-way continues from the checkpoint fit left in its partial folder.
+    def killed_fit(model: Any, data: Any, recipe: TrainRecipe, **kw: Any) -> dict[str, float]:
+        assert kw["resume"] is None
+        (Path(kw["out_dir"]) / "last.pt").write_bytes(b"after epoch 1")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "fit", killed_fit)
+    with pytest.raises(KeyboardInterrupt):
+        bench.standalone_results([extra], None, TrainRecipe(epochs=3), runs, "cpu")
+    resumed_from: list[Any] = []
+
+    def resuming_fit(model: Any, data: Any, recipe: TrainRecipe, **kw: Any) -> dict[str, float]:
+        resumed_from.append(kw["resume"])
+        return {"test_top1": 0.7, "val_top1": 0.6}
+
+    monkeypatch.setattr(bench, "fit", resuming_fit)
+    bench.standalone_results([extra], None, TrainRecipe(epochs=3), runs, "cpu")
+    partial = runs / extra.digest() / "seed0.partial"
+    assert resumed_from == [partial / "last.pt"] and not partial.exists()
+    monkeypatch.setattr(bench, "fit", fake_fit)
     # Another benchmark's folder reuses these runs (same recipe, spec, seed): nothing trains.
     other = bench.standalone_results(specs[1:], None, recipe, tmp_path / "d", "cpu", reuse=[runs])
     assert len(trained) == 5
     assert [r["test_top1"] for r in other] == [r["test_top1"] for r in first[1:]]
+
+
+@pytest.mark.slow
+def test_benchmark_end_to_end_on_digits(tmp_path: Path) -> None:
+    """The whole script on the embedded digits (tiny budgets): ground truth, short-training
+    ranking and a supernet, then summary.json; a rerun reads everything back."""
+    bench = _load_benchmark()
+    out = tmp_path / "r"
+    argv = ["--tiny", "--proxy", "--data", "digits", "--out", str(out), "--archs", "4",
+            "--supernet-set", "epochs=1", "--supernet-set", "max_batches=2"]  # fmt: skip
+    # two shards share the ground truth (as two processes or machines would), then stop
+    for shard in ("0/2", "1/2"):
+        assert bench.main([*argv, "--shard", shard]) == 0
+    truth = sorted(p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json"))
+    assert len(truth) == 4 and not (out / "summary.json").exists()
+    assert bench.main(argv) == 0
+    assert sorted(p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")) == truth
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["standalone"]) == 4 == len(summary["short_training"]["val_top1"])
+    (variant,) = summary["variants"].values()
+    assert variant["report"]["n"] == 4 and len(variant["inherited"]) == 4
+    assert not list(out.glob("*.progress.pt"))  # the supernet finished: no training state left
+    files = sorted(p.name for p in out.rglob("*.json"))
+    assert bench.main(argv) == 0  # nothing new trains or is written besides the summary
+    assert sorted(p.name for p in out.rglob("*.json")) == files

@@ -131,3 +131,15 @@ def test_bad_arguments_fail_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="epochs"):
         bench.main(["--tiny", "--data", "digits", "--set", "epochs=x", "--out", str(tmp_path)])
     assert not (tmp_path / "state.json").exists()
+
+
+def test_warm_start_reaches_the_train_search_only() -> None:
+    bench = _load("search_vs_hand")
+    args = bench.parse_args(["--data", "digits", "--warm-start", "mnasnet_a1_cifar_050, x"])
+    assert args.warm_start == ["mnasnet_a1_cifar_050", "x"]
+    assert bench._search_recipe("train", args, 30_000_000).warm_start == (
+        "mnasnet_a1_cifar_050",
+        "x",
+    )
+    assert bench._search_recipe("random", args, 30_000_000).warm_start == ()
+    assert bench._search_recipe("supernet", args, 30_000_000).warm_start == ()

@@ -137,6 +137,17 @@ class RankingReport:
         out["spearman_rho_ci"] = list(self.spearman_rho_ci)
         return out
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RankingReport:
+        """Inverse of :meth:`to_dict` (a report read back from JSON)."""
+        return cls(
+            **{
+                **data,
+                "kendall_tau_ci": tuple(data["kendall_tau_ci"]),
+                "spearman_rho_ci": tuple(data["spearman_rho_ci"]),
+            }
+        )
+
 
 def ranking_report(
     predicted: Sequence[float],
