@@ -247,9 +247,9 @@ def _run_profile(args: argparse.Namespace) -> int:
             return 0
     if not args.model:
         raise ValueError("profile needs a MODEL_OR_SPEC (or --build-lut SPACE.yaml)")
-    from aanas.cost.flops import _as_spec
+    from aanas.models import resolve_spec
 
-    spec = _as_spec(args.model, args.input_size)
+    spec = resolve_spec(args.model, args.input_size)
     cost = count(spec)
     table = LatencyTable.load(args.lut) if args.lut else None
     parts = dict(table.parts(spec)) if table is not None and not table.missing(spec) else {}

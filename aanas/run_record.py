@@ -24,7 +24,7 @@ import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ __all__ = [
     "find_run_record",
     "partial_run",
     "read_run_record",
+    "recall_or_train",
     "recorded_run",
     "run_identity",
     "write_run_record",
@@ -135,6 +136,25 @@ def recorded_run(
     return write_run_record(path, identity, {**record, "reused_from": str(source)}), (
         f"reused from {source}"
     )
+
+
+def recall_or_train(
+    path: Path,
+    identity: str,
+    train: Callable[[Path, Path | None], dict[str, Any]],
+    reuse: Iterable[Path] = (),
+) -> tuple[dict[str, Any], str]:
+    """The run's record: read back (:func:`recorded_run`) or trained now and written.
+
+    ``train(work_dir, resume)`` gets :func:`partial_run`'s checkpoint folder and checkpoint,
+    so a run killed mid-way continues from its last epoch, and returns the metrics to record.
+    Returns (record as stored, how it was found: ``"trained"`` when it was).
+    """
+    found = recorded_run(path, identity, reuse)
+    if found is not None:
+        return found
+    work, resume = partial_run(path, identity)
+    return write_run_record(path, identity, train(work, resume)), "trained"
 
 
 def _load(path: Path, identity: str) -> dict[str, Any] | None:

@@ -58,7 +58,14 @@ from aanas.ops.elastic import (
 from aanas.space import SearchSpace
 from aanas.spec import ArchSpec, ResolvedArch, ResolvedBlock, resolve
 
-__all__ = ["PathSampler", "SuperNet", "param_dimension", "recalibrate_bn", "train_supernet"]
+__all__ = [
+    "PathSampler",
+    "SuperNet",
+    "param_dimension",
+    "progress_file",
+    "recalibrate_bn",
+    "train_supernet",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -818,6 +825,13 @@ def train_supernet(
         "planned_steps": total_steps,
         "recipe": dataclasses.asdict(rec),
     }
+
+
+def progress_file(saved: str | os.PathLike[str]) -> Path:
+    """The ``checkpoint`` for :func:`train_supernet` of a supernet to be saved at ``saved``
+    (``<stem>.progress.pt`` beside it), one name for every command that trains one."""
+    saved = Path(saved)
+    return saved.with_name(saved.stem + ".progress.pt")
 
 
 # Bumped when the progress payload changes; an older file is then ignored (training restarts).

@@ -62,7 +62,7 @@ from aanas.cost.latency import measure
 from aanas.data import build_recipe_data
 from aanas.models import create_model
 from aanas.results import TrialResult, pareto
-from aanas.run_record import partial_run, recorded_run, run_identity, write_run_record
+from aanas.run_record import recall_or_train, run_identity
 from aanas.search import RunDirectory, run_search
 from aanas.space import SearchSpace
 from aanas.spec import ArchSpec, decode
@@ -298,18 +298,22 @@ def train_all(
             recipe = recipe_for(cand, args, seed)
             ident = run_identity(recipe, cand.ident_spec)
             path = runs_dir / cand.name.replace(":", "_") / f"seed{seed}.json"
-            found = recorded_run(path, ident, args.reuse_runs)
-            if found is not None:
-                record, how = found
-            else:
+
+            def train(
+                work: Path,
+                resume: Path | None,
+                cand: Candidate = cand,
+                recipe: TrainRecipe = recipe,
+                seed: int = seed,
+            ) -> dict[str, Any]:
                 # the loaders' shuffling follows recipe.seed: one bundle per (data fields, seed)
                 data_key = digest(recipe_to_dict(dataclasses.replace(recipe, model="")))
                 if data_key not in data_cache:
-                    data_cache = {data_key: build_recipe_data(recipe)}  # keep one in memory
+                    data_cache.clear()  # keep one in memory
+                    data_cache[data_key] = build_recipe_data(recipe)
                 data = data_cache[data_key]
                 seed_everything(seed)
                 model = cand.build(data.num_classes)
-                work, resume = partial_run(path, ident)  # a killed run continues from its epoch
                 metrics = fit(
                     model,
                     data,
@@ -319,10 +323,10 @@ def train_all(
                     out_dir=work,
                     resume=resume,
                 )
-                record = {"model": cand.name, "seed": seed, **metrics}
-                record = write_run_record(path, ident, {**record, "load": os.getloadavg()[0]})
-                trained += 1
-                how = "trained"
+                return {"model": cand.name, "seed": seed, **metrics, "load": os.getloadavg()[0]}
+
+            record, how = recall_or_train(path, ident, train, args.reuse_runs)
+            trained += how == "trained"
             print(
                 f"final {cand.name} seed {seed} ({how}): test {record['test_top1']:.4f} "
                 f"val {record.get('val_top1') or float('nan'):.4f} {record['time_s']:.0f} s",

@@ -16,7 +16,11 @@ For >= 20 architectures stratified by MACs over the space's cost range
 
 ``--ablation`` trains one supernet per training variant at the same epochs (uniform single path;
 sandwich; + in-place distillation; + progressive shrinking = the default recipe) and prints tau
-for each. Trained supernets are kept next to the cache and reused.
+for each. Trained supernets are kept next to the cache and reused, so ``--variant NAME
+--supernets-only`` can train variants side by side (one process each) or over several sittings
+before the run that ranks them all. The MAC count itself is ranked too, as the zero-cost
+baseline every evaluator has to beat: on a set stratified by MACs, "bigger is better" already
+orders much of it.
 
     python benchmarks/supernet_ranking.py --tiny                       # minutes: smoke run
     python benchmarks/supernet_ranking.py --ablation                   # the real run
@@ -47,11 +51,11 @@ from aanas.config import SupernetRecipe, TrainRecipe, apply_overrides, load_reci
 from aanas.cost import count_spec
 from aanas.data import DataBundle, build_recipe_data
 from aanas.models import create_model
-from aanas.run_record import partial_run, recorded_run, run_identity, write_run_record
+from aanas.run_record import recall_or_train, run_identity
 from aanas.search.ranking import RankingReport, ranking_report, stratified_by_macs
 from aanas.space import SearchSpace
 from aanas.spec import ArchSpec
-from aanas.supernet import SuperNet, recalibrate_bn, train_supernet
+from aanas.supernet import SuperNet, progress_file, recalibrate_bn, train_supernet
 from aanas.train import evaluate, fit, seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling _bench_cache module
@@ -98,13 +102,10 @@ def standalone_results(
     for i, spec in enumerate(specs):
         ident = run_identity(recipe, spec.encode())
         path = runs_dir / spec.digest() / f"seed{recipe.seed}.json"
-        found = recorded_run(path, ident, reuse)
-        if found is not None:
-            record, state = found
-        else:
+
+        def train(work: Path, resume: Path | None, spec: ArchSpec = spec) -> dict[str, Any]:
             seed_everything(recipe.seed)
             model = create_model(spec)
-            work, resume = partial_run(path, ident)  # a killed run continues from its epoch
             metrics = fit(
                 model,
                 data,
@@ -115,8 +116,9 @@ def standalone_results(
                 out_dir=work,
                 resume=resume,
             )
-            record = write_run_record(path, ident, {"spec": spec.encode(), **metrics})
-            state = "trained"
+            return {"spec": spec.encode(), **metrics}
+
+        record, state = recall_or_train(path, ident, train, reuse)
         row = {
             "spec": spec.encode(),
             "test_top1": float(record["test_top1"]),
@@ -154,7 +156,7 @@ def trained_supernet(
         recipe,
         seed=seed,
         device=device,
-        checkpoint=path.with_name(path.stem + ".progress.pt"),
+        checkpoint=progress_file(path),
         on_epoch=lambda e, m: print(
             f"  epoch {e}: loss {m['train_loss']:.3f} paths/step {m['paths_per_step']:.2f} "
             f"elastic {','.join(m['elastic']) or '-'} {m['seconds']:.0f} s",
@@ -186,6 +188,34 @@ def inherited_accuracies(
             recalibrate_bn(model, data.train, batches=recal_batches, device=device)
         out.append(float(evaluate(model, data.test, device)["top1"]))
     return out
+
+
+def supernet_plan(
+    args: argparse.Namespace, space: SearchSpace, base: SupernetRecipe
+) -> dict[str, tuple[SupernetRecipe, Path]]:
+    """Variant name -> (its supernet recipe, the file its trained supernet is kept in).
+
+    The file name is a digest of everything that shapes the weights, so a process training one
+    variant and a later process ranking all of them agree on it.
+    """
+    if args.ablation:
+        chosen = {n: VARIANTS[n] for n in args.variant} if args.variant else VARIANTS
+    else:
+        chosen = {"recipe": {}}
+    plan = {}
+    for name, changes in chosen.items():
+        srecipe = dataclasses.replace(base, **changes)
+        sdigest = digest(
+            {
+                "space": space.name,
+                "recipe": recipe_to_dict(srecipe),
+                "seed": args.seed,
+                "data": args.data,
+                "init": "seeded",  # supernets saved before the init was seeded are not reused
+            }
+        )
+        plan[name] = (srecipe, Path(args.out) / f"supernet-{sdigest}.pt")
+    return plan
 
 
 def _fmt(r: RankingReport) -> str:
@@ -224,6 +254,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--ablation", action="store_true", help="one supernet per variant")
     parser.add_argument(
+        "--variant", action="append", default=None, choices=list(VARIANTS),
+        help="only this ablation variant (repeatable; implies --ablation)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--supernets-only", action="store_true",
+        help="train (or read) the supernets of the selected variants and stop: needs no ground "
+        "truth, so variants can train in parallel processes or sittings",
+    )  # fmt: skip
+    parser.add_argument(
         "--proxy", action="store_true",
         help="also rank by the train evaluator's short training (validation top-1, as a "
         "search sees it), for comparison with the supernet at a known cost",
@@ -235,8 +274,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument(
         "--shard", default=None, metavar="K/N",
-        help="train only the ground-truth runs with index %% N == K, then stop (implies "
-        "--standalone-only): N processes, machines or GPUs share the ground truth through "
+        help="train only the ground-truth runs (and with --proxy the short trainings) with "
+        "index %% N == K, then stop (implies --standalone-only): N processes, machines or GPUs "
+        "share the ground truth through "
         "--out (or copy their runs/ folders together); a last run without --shard reads "
         "them all",
     )  # fmt: skip
@@ -268,6 +308,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--shard must look like K/N with 0 <= K < N, got {args.shard!r}")
         args.shard = (int(k), int(n))
         args.standalone_only = True
+    if args.supernets_only and args.standalone_only:
+        parser.error("--supernets-only and --standalone-only/--shard exclude each other")
+    if args.variant:
+        args.ablation = True
     if args.proxy_set is None:
         args.proxy_set = ["epochs=1", "max_train_batches=2"] if args.tiny else list(_PROXY)
     return args
@@ -294,6 +338,13 @@ def main(argv: list[str] | None = None) -> int:
         f"ground truth: {args.recipe} {' '.join(args.recipe_set)}",
         flush=True,
     )
+    plan = supernet_plan(args, space, base)
+    if args.supernets_only:
+        for name, (srecipe, path) in plan.items():
+            print(f"supernet {name}: {json.dumps(recipe_to_dict(srecipe))}", flush=True)
+            _, seconds = trained_supernet(space, data, srecipe, path, args.seed, args.device)
+            print(f"  {name}: trained in {seconds:.0f} s, {path}", flush=True)
+        return 0
     if args.shard is not None:
         k, n = args.shard
         specs = specs[k::n]
@@ -303,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     truth = [r["test_top1"] for r in truth_rows]
     t_standalone = sum(r["seconds"] for r in truth_rows)
+    proxy_rows = None
+    if args.proxy:  # the short trainings are recorded runs too: shards share them the same way
+        proxy_recipe = apply_overrides(recipe, args.proxy_set)
+        print(f"short training: {args.recipe} {' '.join(args.proxy_set)}", flush=True)
+        proxy_rows = standalone_results(specs, data, proxy_recipe, out / "proxy_runs", args.device)
     if args.standalone_only:
         print(
             f"ground truth complete: {len(truth_rows)} runs, "
@@ -311,36 +367,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     proxy: dict[str, Any] | None = None
-    if args.proxy:
-        proxy_recipe = apply_overrides(recipe, args.proxy_set)
-        print(f"short training: {args.recipe} {' '.join(args.proxy_set)}", flush=True)
-        rows = standalone_results(specs, data, proxy_recipe, out / "proxy_runs", args.device)
+    if proxy_rows is not None:
+        proxy_val = [r["val_top1"] for r in proxy_rows]
         report = ranking_report(
-            [r["val_top1"] for r in rows], truth, k=args.k, n_resamples=args.bootstrap,
-            seed=args.seed,
-        )  # fmt: skip
+            proxy_val, truth, k=args.k, n_resamples=args.bootstrap, seed=args.seed
+        )
         proxy = {
             "report": report.to_dict(),
-            "val_top1": [r["val_top1"] for r in rows],
-            "seconds": sum(r["seconds"] for r in rows),
+            "val_top1": proxy_val,
+            "seconds": sum(r["seconds"] for r in proxy_rows),
             "overrides": args.proxy_set,
         }
         print(f"  short training: {_fmt(report)}", flush=True)
+    macs = [r["macs"] for r in truth_rows]
+    by_macs = ranking_report(macs, truth, k=args.k, n_resamples=args.bootstrap, seed=args.seed)
+    print(f"  MACs alone (zero cost): {_fmt(by_macs)}", flush=True)
 
-    variants = VARIANTS if args.ablation else {"recipe": {}}
     results: dict[str, Any] = {}
-    for name, changes in variants.items():
-        srecipe = dataclasses.replace(base, **changes)
-        sdigest = digest(
-            {
-                "space": space.name,
-                "recipe": recipe_to_dict(srecipe),
-                "seed": args.seed,
-                "data": args.data,
-                "init": "seeded",  # supernets saved before the init was seeded are not reused
-            }
-        )
-        path = out / f"supernet-{sdigest}.pt"
+    for name, (srecipe, path) in plan.items():
         print(f"supernet {name}: {json.dumps(recipe_to_dict(srecipe))}", flush=True)
         supernet, seconds = trained_supernet(space, data, srecipe, path, args.seed, args.device)
         t1 = time.perf_counter()
@@ -378,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     if proxy is not None:
         rep = RankingReport.from_dict(proxy["report"])
         print(f"  {'short':>9}: {_fmt(rep)}  training {proxy['seconds']:.0f} s in all")
+    print(f"  {'MACs':>9}: {_fmt(by_macs)}  (zero cost: bigger is better)")
     summary = {
         "space": space.name,
         "data": args.data,
@@ -388,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         "standalone_seconds": t_standalone,
         "variants": results,
         "short_training": proxy,
+        "macs_baseline": by_macs.to_dict(),
         "total_seconds": time.perf_counter() - t0,
     }
     with atomic_open(out / "summary.json", "w", encoding="utf-8") as fh:

@@ -25,6 +25,7 @@ from aanas.search.ranking import (
     top_k_contains_best,
 )
 from aanas.space import SearchSpace
+from aanas.spec import decode
 
 
 def _naive_tau_b(x: list[float], y: list[float]) -> float:
@@ -215,17 +216,33 @@ def test_benchmark_end_to_end_on_digits(tmp_path: Path) -> None:
     out = tmp_path / "r"
     argv = ["--tiny", "--proxy", "--data", "digits", "--out", str(out), "--archs", "4",
             "--supernet-set", "epochs=1", "--supernet-set", "max_batches=2"]  # fmt: skip
-    # two shards share the ground truth (as two processes or machines would), then stop
+    # the supernet trains on its own first (no ground truth needed), as a parallel process would
+    assert bench.main([*argv, "--variant", "+shrink", "--supernets-only"]) == 0
+    (trained,) = out.glob("supernet-*.pt")
+    supernet_mtime = trained.stat().st_mtime_ns
+    assert not (out / "runs").exists()
+    # two shards share the ground truth and short trainings (as two processes or machines
+    # would), then stop
     for shard in ("0/2", "1/2"):
         assert bench.main([*argv, "--shard", shard]) == 0
     truth = sorted(p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json"))
     assert len(truth) == 4 and not (out / "summary.json").exists()
-    assert bench.main(argv) == 0
+    assert len(list((out / "proxy_runs").rglob("*.json"))) == 4
+    assert bench.main([*argv, "--variant", "+shrink"]) == 0
     assert sorted(p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")) == truth
+    assert trained.stat().st_mtime_ns == supernet_mtime  # read back, not trained again
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["standalone"]) == 4 == len(summary["short_training"]["val_top1"])
     (variant,) = summary["variants"].values()
     assert variant["report"]["n"] == 4 and len(variant["inherited"]) == 4
+    # the zero-cost baseline ranks by each architecture's MACs (nan when the tiny training
+    # leaves every accuracy equal, as scipy says too)
+    macs = [r["macs"] for r in summary["standalone"]]
+    assert macs == [count_spec(decode(s)).macs for s in summary["archs"]]
+    top1 = [r["test_top1"] for r in summary["standalone"]]
+    expected = stats.kendalltau(macs, top1).statistic
+    assert summary["macs_baseline"]["kendall_tau"] == pytest.approx(expected, nan_ok=True)
+    argv = [*argv, "--variant", "+shrink"]
     assert not list(out.glob("*.progress.pt"))  # the supernet finished: no training state left
     files = sorted(p.name for p in out.rglob("*.json"))
     assert bench.main(argv) == 0  # nothing new trains or is written besides the summary

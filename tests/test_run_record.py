@@ -17,6 +17,7 @@ from aanas.run_record import (
     find_run_record,
     partial_run,
     read_run_record,
+    recall_or_train,
     run_identity,
     write_run_record,
 )
@@ -99,3 +100,29 @@ def test_partial_run_belongs_to_one_identity_and_goes_with_the_record(tmp_path: 
     record = write_run_record(path, "b", {"test_top1": 0.5, "checkpoint": str(work / "last.pt")})
     assert record["checkpoint"] is None and not work.exists()  # recorded: checkpoints go
     assert read_run_record(path, "b") == record
+
+
+def test_recall_or_train_trains_once_and_resumes_a_killed_run(tmp_path: Path) -> None:
+    path = tmp_path / "runs" / "m" / "seed0.json"
+    calls: list[Path | None] = []
+
+    def killed(work: Path, resume: Path | None) -> dict[str, float]:
+        calls.append(resume)
+        (work / "last.pt").write_bytes(b"epoch 2")
+        raise KeyboardInterrupt
+
+    def finishing(work: Path, resume: Path | None) -> dict[str, float]:
+        calls.append(resume)
+        return {"test_top1": 0.7}
+
+    with pytest.raises(KeyboardInterrupt):
+        recall_or_train(path, "a", killed)
+    work = path.with_name("seed0.partial")
+    assert recall_or_train(path, "a", finishing) == ({"test_top1": 0.7}, "trained")
+    assert calls == [None, work / "last.pt"] and not work.exists()
+    assert recall_or_train(path, "a", killed) == ({"test_top1": 0.7}, "recorded")
+    # another folder reuses the run instead of training it (copied, with where it came from)
+    copy = tmp_path / "other" / "runs" / "m" / "seed0.json"
+    record, how = recall_or_train(copy, "a", killed, reuse=[tmp_path / "runs"])
+    assert how.startswith("reused from") and record["test_top1"] == 0.7 and len(calls) == 2
+    assert read_run_record(copy, "a") == record

@@ -63,7 +63,8 @@ import torch
 from torch import nn
 
 from aanas.block_types import aa_conv_cost, block_type, bn_cost, conv_cost
-from aanas.spec import ArchSpec, ResolvedArch, ResolvedBlock, decode, resolve
+from aanas.models import resolve_spec
+from aanas.spec import ArchSpec, ResolvedArch, ResolvedBlock, resolve
 
 __all__ = [
     "Cost",
@@ -361,23 +362,6 @@ def count_module(model: nn.Module, input_size: int | None = None) -> Cost:
     return cost
 
 
-def _as_spec(spec: ArchSpec | str, input_size: int | None = None) -> ArchSpec:
-    """An ArchSpec from a spec, a registered preset name or a spec string; ``input_size``
-    replaces the spec's own."""
-    if isinstance(spec, str):
-        if ":" in spec:
-            spec = decode(spec)
-        else:
-            from aanas.models import get_spec
-
-            spec = get_spec(spec)
-    if not isinstance(spec, ArchSpec):
-        raise TypeError(f"expected an ArchSpec, preset name or spec string, got {type(spec)}")
-    if input_size is not None and input_size != spec.input_size:
-        spec = dataclasses.replace(spec, input_size=input_size).validate()
-    return spec
-
-
 def count(spec_or_model: ArchSpec | str | nn.Module, input_size: int | None = None) -> Cost:
     """Params, MACs (and ``.flops``) of a spec, preset name, spec string or module.
 
@@ -387,4 +371,4 @@ def count(spec_or_model: ArchSpec | str | nn.Module, input_size: int | None = No
     """
     if isinstance(spec_or_model, nn.Module):
         return count_module(spec_or_model, input_size)
-    return count_spec(_as_spec(spec_or_model, input_size))
+    return count_spec(resolve_spec(spec_or_model, input_size))

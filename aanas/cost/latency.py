@@ -349,7 +349,7 @@ def _as_model(
     model_or_spec: nn.Module | ArchSpec | str, input_size: int | None
 ) -> tuple[nn.Module, ArchSpec | None, int]:
     """(module, its spec if known, input size) for whatever :func:`measure` was given."""
-    from aanas.cost.flops import _as_spec  # local: flops imports models lazily as well
+    from aanas.models import resolve_spec  # local: torch-free callers of cost need not load it
 
     if isinstance(model_or_spec, nn.Module):
         spec = getattr(model_or_spec, "spec", None)
@@ -360,7 +360,7 @@ def _as_model(
         if spec is not None and size != spec.input_size:
             spec = dataclasses.replace(spec, input_size=size)
         return model_or_spec, spec, size
-    spec = _as_spec(model_or_spec, input_size)
+    spec = resolve_spec(model_or_spec, input_size)
     from aanas.models import create_model
 
     return create_model(spec), spec, spec.input_size

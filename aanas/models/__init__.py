@@ -33,6 +33,7 @@ __all__ = [
     "list_models",
     "load_torchvision_state_dict",
     "register_arch",
+    "resolve_spec",
     "torchvision_key",
     "zero_init_residual",
 ]
@@ -44,15 +45,26 @@ _FAMILY_MODELS: dict[str, type[ClassifierModel]] = {
 }
 
 
-def _as_spec(name_or_spec: str | ArchSpec) -> ArchSpec:
-    """Registered name, spec string (contains ``':'``) or ArchSpec -> ArchSpec."""
-    if isinstance(name_or_spec, ArchSpec):
-        return name_or_spec
+def resolve_spec(name_or_spec: str | ArchSpec, input_size: int | None = None) -> ArchSpec:
+    """Registered name, spec string (contains ``':'``) or ArchSpec -> ArchSpec, the one way
+    every command and cost function reads a model argument; ``input_size`` replaces the spec's
+    own (validated again: attention may not fit the new maps).
+
+    Raises:
+        ValueError: unknown name (with close matches), bad spec string or input size.
+        TypeError: ``name_or_spec`` of another type.
+    """
     if isinstance(name_or_spec, str):
-        return decode(name_or_spec) if ":" in name_or_spec else get_spec(name_or_spec)
-    raise TypeError(
-        f"expected a model name, spec string or ArchSpec, got {type(name_or_spec).__name__}"
-    )
+        spec = decode(name_or_spec) if ":" in name_or_spec else get_spec(name_or_spec)
+    elif isinstance(name_or_spec, ArchSpec):
+        spec = name_or_spec
+    else:
+        raise TypeError(
+            f"expected a model name, spec string or ArchSpec, got {type(name_or_spec).__name__}"
+        )
+    if input_size is not None and input_size != spec.input_size:
+        spec = dataclasses.replace(spec, input_size=input_size).validate()
+    return spec
 
 
 def create_model(
@@ -81,7 +93,7 @@ def create_model(
         ValueError: unknown name (with close matches), bad spec string or override.
         TypeError: ``name_or_spec`` of another type.
     """
-    spec = _as_spec(name_or_spec)
+    spec = resolve_spec(name_or_spec)
     changes: dict[str, object] = {}
     if num_classes is not None:
         changes["num_classes"] = num_classes

@@ -292,7 +292,7 @@ def prepare_supernet(
     (> 0) bounds the training (:attr:`aanas.config.SupernetRecipe.time_budget_s`). Training
     keeps its state after each epoch in ``<path stem>.progress.pt``: a search killed while
     its supernet trains continues from the last finished epoch."""
-    from aanas.supernet import SuperNet, train_supernet
+    from aanas.supernet import SuperNet, progress_file, train_supernet
 
     source = Path(recipe.supernet) if recipe.supernet else path
     if source.is_file():
@@ -312,7 +312,7 @@ def prepare_supernet(
             device=device,
             max_batches=recipe.max_train_batches or None,
             time_budget_s=time_budget_s,
-            checkpoint=path.with_name(path.stem + ".progress.pt"),
+            checkpoint=progress_file(path),
         )
     supernet.save(path)
     return supernet

@@ -174,15 +174,15 @@ def warm_start_params(names: Sequence[str], space: Any) -> tuple[dict[str, Any],
         RecipeError: an unknown name, a bad spec string, or an architecture the space cannot
             express (it names the entry and the space).
     """
-    from aanas.models import get_spec
-    from aanas.spec import decode
+    from aanas.models import resolve_spec
 
     out = []
     for name in names:
         try:
-            spec = decode(name) if ":" in name else get_spec(name)
             spec = dataclasses.replace(
-                spec, input_size=space.base.input_size, num_classes=space.base.num_classes
+                resolve_spec(name),
+                input_size=space.base.input_size,
+                num_classes=space.base.num_classes,
             )
             out.append(space.encode_params(spec))
         except (KeyError, ValueError) as exc:
