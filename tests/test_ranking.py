@@ -247,3 +247,17 @@ def test_benchmark_end_to_end_on_digits(tmp_path: Path) -> None:
     files = sorted(p.name for p in out.rglob("*.json"))
     assert bench.main(argv) == 0  # nothing new trains or is written besides the summary
     assert sorted(p.name for p in out.rglob("*.json")) == files
+
+
+def test_benchmark_arguments_fail_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = _load_benchmark()
+    for argv, expected in (
+        (["--shard", "2/2"], "--shard must look like K/N with 0 <= K < N, got '2/2'"),
+        (["--supernets-only", "--shard", "0/2"], "exclude each other"),
+        (["--variant", "sandwich+"], "invalid choice: 'sandwich+'"),
+    ):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--data", "digits", *argv])
+        assert expected in capsys.readouterr().err
+    args = bench.parse_args(["--data", "digits", "--variant", "uniform", "--variant", "+shrink"])
+    assert args.ablation and args.variant == ["uniform", "+shrink"]
