@@ -19,6 +19,7 @@ from aanas.search.ranking import (
     RankingReport,
     bootstrap_interval,
     kendall_tau,
+    near_cost_agreement,
     ranking_report,
     spearman_rho,
     stratified_by_macs,
@@ -118,6 +119,38 @@ def test_top_k_and_report() -> None:
     assert lo <= report.kendall_tau <= hi <= 1.0
     assert report.to_dict()["spearman_rho_ci"] == list(report.spearman_rho_ci)
     assert RankingReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_near_cost_agreement_matches_a_pair_loop(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = 15
+    costs = np.exp(rng.uniform(0, 3, n))
+    truth = np.round(rng.normal(size=n), 1)  # rounded: some ties, which are left out
+    predicted = np.round(truth + rng.normal(scale=1.0, size=n), 1)
+    agree = pairs = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            if max(costs[i], costs[j]) > 1.5 * min(costs[i], costs[j]):
+                continue
+            dp, dt = predicted[i] - predicted[j], truth[i] - truth[j]
+            if dp == 0 or dt == 0:
+                continue
+            pairs += 1
+            agree += (dp > 0) == (dt > 0)
+    share, counted = near_cost_agreement(predicted, truth, costs, 1.5)
+    assert counted == pairs > 0 and share == pytest.approx(agree / pairs)
+
+
+def test_near_cost_agreement_edges() -> None:
+    assert near_cost_agreement([1, 2, 3], [1, 2, 3], [1, 1.2, 10]) == (1.0, 1)
+    assert near_cost_agreement([2, 1, 3], [1, 2, 3], [1, 1.2, 10]) == (0.0, 1)
+    share, pairs = near_cost_agreement([1, 2], [1, 2], [1, 10])
+    assert math.isnan(share) and pairs == 0
+    with pytest.raises(ValueError, match="costs > 0"):
+        near_cost_agreement([1, 2], [1, 2], [0, 1])
+    with pytest.raises(ValueError, match="equally long"):
+        near_cost_agreement([1, 2], [1, 2], [1])
 
 
 def test_stratified_by_macs_spans_the_range() -> None:

@@ -11,6 +11,9 @@ measures that order agreement:
   whose 95 % interval is [0.3, 0.8];
 - :func:`ranking_report`: both, with intervals, and whether the estimator's top k holds the
   truly best architecture (what a search actually needs);
+- :func:`near_cost_agreement`: the share of similar-cost pairs ordered as the truth orders
+  them. On a set spread over a wide cost range "bigger is better" alone earns a high tau, but
+  a constrained search compares candidates of about the same cost, where size says little;
 - :func:`stratified_by_macs`: architectures spread over the space's MAC range, so the true
   accuracies differ by more than the noise of training them.
 """
@@ -33,6 +36,7 @@ __all__ = [
     "RankingReport",
     "bootstrap_interval",
     "kendall_tau",
+    "near_cost_agreement",
     "ranking_report",
     "spearman_rho",
     "stratified_by_macs",
@@ -115,6 +119,32 @@ def top_k_contains_best(predicted: Sequence[float], truth: Sequence[float], k: i
     cut = np.sort(p)[::-1][min(k, len(p)) - 1]
     best = t == t.max()
     return bool(np.any(best & (p >= cut)))
+
+
+def near_cost_agreement(
+    predicted: Sequence[float],
+    truth: Sequence[float],
+    costs: Sequence[float],
+    max_ratio: float = 1.5,
+) -> tuple[float, int]:
+    """(share of pairs ordered as ``truth`` orders them, number of pairs) over the pairs whose
+    costs are within ``max_ratio`` of each other; pairs tied in either list are left out.
+
+    0.5 is a coin flip. NaN share when no pair qualifies.
+
+    Raises:
+        ValueError: unequal lengths, a cost <= 0 or ``max_ratio`` < 1.
+    """
+    p, t = _paired(predicted, truth)
+    _, c = _paired(predicted, costs)
+    if max_ratio < 1 or np.any(c <= 0):
+        raise ValueError(f"need costs > 0 and max_ratio >= 1, got {max_ratio!r}")
+    i, j = np.triu_indices(len(p), k=1)
+    near = np.maximum(c[i], c[j]) <= max_ratio * np.minimum(c[i], c[j])
+    sign = np.sign(p[i] - p[j]) * np.sign(t[i] - t[j])
+    counted = near & (sign != 0)
+    n = int(counted.sum())
+    return (float((sign[counted] > 0).mean()) if n else float("nan")), n
 
 
 @dataclass(frozen=True)
