@@ -669,14 +669,21 @@ class SupernetRecipe:
     # annealed and through every phase when the first of the two runs out: a search's
     # --timeout-min cannot be spent on the supernet alone
     time_budget_s: float = 0.0
+    # linear LR warm-up over this fraction of the schedule, then the cosine. A sandwich step
+    # sums the gradients of ~4 paths: at the full LR from the first step, with every dimension
+    # elastic, the CIFAR supernet's weights died in its first epoch (loss stuck at ln 10)
+    warmup: float = 0.05
+    grad_clip: float = 5.0  # max global gradient norm per step (0: no clipping)
 
     def __post_init__(self) -> None:
         _check_choice("rule", self.rule, SUPERNET_RULES)
+        if not (isinstance(self.warmup, int | float) and 0.0 <= self.warmup < 1.0):
+            raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup!r}")
         for name, low in (("epochs", 0), ("max_batches", 0), ("n_random", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        for name in ("lr", "weight_decay", "distill_temperature", "time_budget_s"):
+        for name in ("lr", "weight_decay", "distill_temperature", "time_budget_s", "grad_clip"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

@@ -758,8 +758,8 @@ def train_supernet(
                 break
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             elastic = rec.elastic_at(progress)
-            for group in opt.param_groups:  # cosine from lr to 0 over the schedule
-                group["lr"] = rec.lr * 0.5 * (1 + math.cos(math.pi * progress))
+            for group in opt.param_groups:  # warm-up, then cosine from lr to 0
+                group["lr"] = rec.lr * supernet_lr_factor(rec, progress)
             if rec.rule == "sandwich":
                 paths = [sampler.largest, sampler.smallest(elastic)]
                 paths += [sampler.sample(rng, elastic) for _ in range(rec.n_random)]
@@ -782,6 +782,8 @@ def train_supernet(
                     if rec.distill and rec.rule == "sandwich":
                         teacher = logits.detach()
             n_paths += len(paths)
+            if rec.grad_clip > 0:
+                nn.utils.clip_grad_norm_(supernet.parameters(), rec.grad_clip)
             opt.step()
             global_step += 1
             n_steps += 1
@@ -825,6 +827,13 @@ def train_supernet(
         "planned_steps": total_steps,
         "recipe": dataclasses.asdict(rec),
     }
+
+
+def supernet_lr_factor(rec: SupernetRecipe, progress: float) -> float:
+    """The LR multiplier at ``progress`` (0..1) of the schedule: linear from 0 over the first
+    ``rec.warmup`` of it, times the cosine from 1 to 0 over all of it."""
+    ramp = min(1.0, progress / rec.warmup) if rec.warmup > 0 else 1.0
+    return ramp * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def progress_file(saved: str | os.PathLike[str]) -> Path:

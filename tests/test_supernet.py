@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -376,8 +378,9 @@ def test_sandwich_step_matches_hand_written(tiny: SearchSpace, distill: bool) ->
     ref_net = SuperNet(tiny)
     ref_net.load_state_dict(net.state_dict())
     recipe = SupernetRecipe(
-        epochs=1, lr=0.1, weight_decay=0.0, n_random=0, distill=distill, shrink=False
-    )
+        epochs=1, lr=0.1, weight_decay=0.0, n_random=0, distill=distill, shrink=False,
+        warmup=0.0, grad_clip=0.0,  # the plain step (warm-up and clipping are tested apart)
+    )  # fmt: skip
     train_supernet(net, [(x, y)], recipe, seed=0)
     ref = _one_step_reference(ref_net, x, y, [tiny.largest(), tiny.smallest()], distill)
     for k, v in net.state_dict().items():
@@ -452,11 +455,43 @@ def test_each_epoch_gets_its_own_shuffle(tiny: SearchSpace) -> None:
 def test_lr_is_cosine_over_the_planned_steps_without_a_budget(tiny: SearchSpace) -> None:
     gen = torch.Generator().manual_seed(0)
     data = [(torch.randn(2, 3, 32, 32, generator=gen), torch.randint(0, 10, (2,)))]
-    out = train_supernet(SuperNet(tiny), data, SupernetRecipe(epochs=4, lr=0.1, n_random=0))
+    recipe = SupernetRecipe(epochs=4, lr=0.1, n_random=0, warmup=0.0)
+    out = train_supernet(SuperNet(tiny), data, recipe)
     # one step per epoch; the lr recorded is the one that epoch's step used
     expected = [0.1 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
     assert [m["lr"] for m in out["epochs"]] == pytest.approx(expected)
     assert out["steps"] == out["planned_steps"] == 4
+    # with a warm-up over half the schedule: 0, then half, then the cosine itself
+    out = train_supernet(SuperNet(tiny), data, dataclasses.replace(recipe, warmup=0.5))
+    ramp = [0.0, 0.5, 1.0, 1.0]
+    warmed = [r * e for r, e in zip(ramp, expected, strict=True)]
+    assert [m["lr"] for m in out["epochs"]] == pytest.approx(warmed)
+
+
+def test_each_step_clips_the_summed_gradient(
+    tiny: SearchSpace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sandwich step sums the paths' gradients; the sum is clipped to ``grad_clip``."""
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 10, (4,)))] * 3
+    real = torch.nn.utils.clip_grad_norm_
+    norms: list[tuple[float, float]] = []
+
+    def spy(params: Any, max_norm: float, **kw: Any) -> torch.Tensor:
+        params = [p for p in params if p.grad is not None]
+        before = real(params, max_norm, **kw)
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        norms.append((float(before), float(after)))
+        return before
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    train_supernet(SuperNet(tiny), data, SupernetRecipe(epochs=1, lr=0.1, grad_clip=0.01))
+    assert len(norms) == 3 and all(b > 0.01 and a == pytest.approx(0.01) for b, a in norms)
+    train_supernet(SuperNet(tiny), data, SupernetRecipe(epochs=1, lr=0.1, grad_clip=0.0))
+    assert len(norms) == 3  # 0: no clipping
+    for bad in ({"warmup": 1.0}, {"warmup": -0.1}, {"grad_clip": -1.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SupernetRecipe(**bad)
 
 
 def test_time_budget_compresses_the_schedule_to_fit(tiny: SearchSpace) -> None:
@@ -464,8 +499,8 @@ def test_time_budget_compresses_the_schedule_to_fit(tiny: SearchSpace) -> None:
     passed every shrinking phase with the lr annealed (not cut off in phase 1 at full lr)."""
     gen = torch.Generator().manual_seed(0)
     data = [(torch.randn(2, 3, 32, 32, generator=gen), torch.randint(0, 10, (2,)))]
-    budget = 3.0
-    recipe = SupernetRecipe(epochs=100_000, lr=0.1, n_random=1, time_budget_s=budget)
+    budget = 8.0  # seconds: a loaded machine must still fit several steps per phase
+    recipe = SupernetRecipe(epochs=100_000, lr=0.1, n_random=1, time_budget_s=budget, warmup=0)
     out = train_supernet(SuperNet(tiny), data, recipe)
     assert 0 < out["steps"] < out["planned_steps"] == 100_000
     assert budget <= out["seconds"] < budget + 60  # ran until the budget, one step past at most
