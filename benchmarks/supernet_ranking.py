@@ -350,6 +350,13 @@ def main(argv: list[str] | None = None) -> int:
     data = build_recipe_data(recipe)  # the recipe now carries --data and the space's size
     if data.num_classes != space.base.num_classes:
         raise SystemExit(f"data has {data.num_classes} classes, space {space.base.num_classes}")
+    plan = supernet_plan(args, space, base)
+    if args.supernets_only:  # needs neither the architectures nor the ground truth
+        for name, (srecipe, path) in plan.items():
+            print(f"supernet {name}: {json.dumps(recipe_to_dict(srecipe))}", flush=True)
+            _, seconds = trained_supernet(space, data, srecipe, path, args.seed, args.device)
+            print(f"  {name}: trained in {seconds:.0f} s, {path}", flush=True)
+        return 0
     specs = stratified_by_macs(space, args.archs, np.random.default_rng(args.seed))
     print(
         f"{len(specs)} architectures of {space.name}, "
@@ -357,13 +364,6 @@ def main(argv: list[str] | None = None) -> int:
         f"ground truth: {args.recipe} {' '.join(args.recipe_set)}",
         flush=True,
     )
-    plan = supernet_plan(args, space, base)
-    if args.supernets_only:
-        for name, (srecipe, path) in plan.items():
-            print(f"supernet {name}: {json.dumps(recipe_to_dict(srecipe))}", flush=True)
-            _, seconds = trained_supernet(space, data, srecipe, path, args.seed, args.device)
-            print(f"  {name}: trained in {seconds:.0f} s, {path}", flush=True)
-        return 0
     if args.shard is not None:
         k, n = args.shard
         specs = specs[k::n]
