@@ -145,14 +145,22 @@ def standalone_results(
 
 
 def trained_supernet(
-    space: SearchSpace, data: DataBundle, recipe: SupernetRecipe, path: Path, seed: int, device: str
+    name: str,
+    space: SearchSpace,
+    data: DataBundle,
+    recipe: SupernetRecipe,
+    path: Path,
+    seed: int,
+    device: str,
 ) -> tuple[SuperNet, float]:
     """Load the supernet at ``path`` or train it and save it there; (supernet, train seconds).
     A training killed midway continues from its last finished epoch (``<path stem>.progress.pt``).
+    ``name`` (the ablation variant) only labels the progress lines.
 
     The initial weights come from ``seed`` too, so every ablation variant starts from the same
     supernet (otherwise they would depend on what the process ran before).
     """
+    print(f"supernet {name}: {json.dumps(recipe_to_dict(recipe))}", flush=True)
     torch.manual_seed(seed)
     supernet = SuperNet(space)
     if path.is_file():
@@ -353,8 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = supernet_plan(args, space, base)
     if args.supernets_only:  # needs neither the architectures nor the ground truth
         for name, (srecipe, path) in plan.items():
-            print(f"supernet {name}: {json.dumps(recipe_to_dict(srecipe))}", flush=True)
-            _, seconds = trained_supernet(space, data, srecipe, path, args.seed, args.device)
+            _, seconds = trained_supernet(name, space, data, srecipe, path, args.seed, args.device)
             print(f"  {name}: trained in {seconds:.0f} s, {path}", flush=True)
         return 0
     specs = stratified_by_macs(space, args.archs, np.random.default_rng(args.seed))
@@ -411,8 +418,9 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {}
     for name, (srecipe, path) in plan.items():
-        print(f"supernet {name}: {json.dumps(recipe_to_dict(srecipe))}", flush=True)
-        supernet, seconds = trained_supernet(space, data, srecipe, path, args.seed, args.device)
+        supernet, seconds = trained_supernet(
+            name, space, data, srecipe, path, args.seed, args.device
+        )
         t1 = time.perf_counter()
         inherited = inherited_accuracies(
             supernet,
