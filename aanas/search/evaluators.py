@@ -300,6 +300,7 @@ def prepare_supernet(
         return load_supernet(space, source, device)
     if recipe.supernet:
         raise FileNotFoundError(f"supernet checkpoint not found: {recipe.supernet}")
+    torch.manual_seed(recipe.seed)  # the initial weights: same seed, same supernet and search
     supernet = SuperNet(space).to(device)
     _LOG.info("training supernet: %d epochs on %s", recipe.supernet_epochs, recipe.data)
     if recipe.supernet_epochs > 0:
