@@ -64,6 +64,7 @@ __all__ = [
     "param_dimension",
     "progress_file",
     "recalibrate_bn",
+    "seeded_supernet",
     "train_supernet",
 ]
 
@@ -834,6 +835,17 @@ def supernet_lr_factor(rec: SupernetRecipe, progress: float) -> float:
     ``rec.warmup`` of it, times the cosine from 1 to 0 over all of it."""
     ramp = min(1.0, progress / rec.warmup) if rec.warmup > 0 else 1.0
     return ramp * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def seeded_supernet(space: SearchSpace, seed: int) -> SuperNet:
+    """A new, untrained supernet whose initial weights follow from ``seed`` alone.
+
+    Module constructors draw from torch's process-wide generator, so without the seed the
+    weights (and every search or ranking built on them) depend on whatever the process drew
+    before: two identical ``aanas search`` runs picked different architectures.
+    """
+    torch.manual_seed(seed)
+    return SuperNet(space)
 
 
 def progress_file(saved: str | os.PathLike[str]) -> Path:

@@ -49,7 +49,7 @@ from aanas.search import Evaluation, SearchRecipe, run_search
 from aanas.search.evaluators import SuperNetEvaluator, build_data_for, load_supernet
 from aanas.space import SearchSpace
 from aanas.spec import ArchSpec
-from aanas.supernet import SuperNet, train_supernet
+from aanas.supernet import seeded_supernet, train_supernet
 
 _REPO = Path(__file__).resolve().parents[1]
 _SHARED_CIFAR = _REPO.parent / "shared" / "data" / "cifar10"
@@ -104,7 +104,7 @@ def get_supernet(recipe: SearchRecipe, space: SearchSpace, data: Any, path: Path
     (``prepare_supernet`` would lose them when ``SuperNet.save`` raises after training)."""
     if path.is_file():
         return load_supernet(space, path, "cpu")
-    supernet = SuperNet(space)
+    supernet = seeded_supernet(space, recipe.seed)
     train_supernet(
         supernet,
         data,

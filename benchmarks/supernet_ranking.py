@@ -60,7 +60,13 @@ from aanas.search.ranking import (
 )
 from aanas.space import SearchSpace
 from aanas.spec import ArchSpec
-from aanas.supernet import SuperNet, progress_file, recalibrate_bn, train_supernet
+from aanas.supernet import (
+    SuperNet,
+    progress_file,
+    recalibrate_bn,
+    seeded_supernet,
+    train_supernet,
+)
 from aanas.train import evaluate, fit, seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling _bench_cache module
@@ -157,12 +163,11 @@ def trained_supernet(
     A training killed midway continues from its last finished epoch (``<path stem>.progress.pt``).
     ``name`` (the ablation variant) only labels the progress lines.
 
-    The initial weights come from ``seed`` too, so every ablation variant starts from the same
-    supernet (otherwise they would depend on what the process ran before).
+    The initial weights come from ``seed`` too (:func:`aanas.supernet.seeded_supernet`), so
+    every ablation variant starts from the same supernet.
     """
     print(f"supernet {name}: {json.dumps(recipe_to_dict(recipe))}", flush=True)
-    torch.manual_seed(seed)
-    supernet = SuperNet(space)
+    supernet = seeded_supernet(space, seed)
     if path.is_file():
         supernet.load(path)
         meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))

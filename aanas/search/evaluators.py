@@ -292,7 +292,7 @@ def prepare_supernet(
     (> 0) bounds the training (:attr:`aanas.config.SupernetRecipe.time_budget_s`). Training
     keeps its state after each epoch in ``<path stem>.progress.pt``: a search killed while
     its supernet trains continues from the last finished epoch."""
-    from aanas.supernet import SuperNet, progress_file, train_supernet
+    from aanas.supernet import progress_file, seeded_supernet, train_supernet
 
     source = Path(recipe.supernet) if recipe.supernet else path
     if source.is_file():
@@ -300,8 +300,7 @@ def prepare_supernet(
         return load_supernet(space, source, device)
     if recipe.supernet:
         raise FileNotFoundError(f"supernet checkpoint not found: {recipe.supernet}")
-    torch.manual_seed(recipe.seed)  # the initial weights: same seed, same supernet and search
-    supernet = SuperNet(space).to(device)
+    supernet = seeded_supernet(space, recipe.seed).to(device)
     _LOG.info("training supernet: %d epochs on %s", recipe.supernet_epochs, recipe.data)
     if recipe.supernet_epochs > 0:
         train_supernet(
