@@ -12,12 +12,14 @@ CPU time of a one-thread run does not (with more threads it also counts OpenMP s
 ``--profile`` prints a ``torch.profiler`` table (self CPU time by op) of one AA step.
 ``--attention-impl fused,chunked`` times the AA model once per path (same weights), all
 interleaved with the plain model in one loop, so the paths are compared under the same load.
+``--block N`` times each model N steps in a row per turn instead of alternating step by step.
 
 Usage::
 
     python benchmarks/aa_overhead.py --threads 2 --batch 8 --input-size 224
     python benchmarks/aa_overhead.py --threads 1 --clock cpu --profile
     python benchmarks/aa_overhead.py --threads 1 --clock cpu --attention-impl fused,chunked
+    python benchmarks/aa_overhead.py --threads 2 --batch 4 --iters 8 --block 4
     python benchmarks/aa_overhead.py --device cuda --batch 64 --amp
 """
 
@@ -85,15 +87,23 @@ def bench_pair(
     iters: int,
     amp: bool,
     clock: Callable[[], float],
+    block: int = 1,
 ) -> list[float]:
-    """Median step seconds of each model, measured alternately."""
+    """Median step seconds of each model, measured in turns of ``block`` steps.
+
+    ``block == 1`` alternates step by step (drift in machine speed hits every model alike, but
+    each step starts with the caches full of another model's data); with ``block > 1`` each
+    turn is one untimed step and ``block`` timed ones in a row, as in training one model.
+    """
     for _ in range(warmup):
         for m in models:
             _step(m, x, amp)
     times: list[list[float]] = [[] for _ in models]
-    for _ in range(iters):
+    for _ in range(-(-iters // block)):
         for m, t in zip(models, times, strict=True):
-            t.append(_time(m, x, amp, clock))
+            if block > 1:
+                _step(m, x, amp)
+            t.extend(_time(m, x, amp, clock) for _ in range(block))
     return [statistics.median(t) for t in times]
 
 
@@ -117,6 +127,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5, help="timed steps per model")
+    parser.add_argument(
+        "--block",
+        type=int,
+        default=1,
+        help="consecutive timed steps per model and turn (1: alternate step by step)",
+    )
     parser.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     parser.add_argument(
@@ -129,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--profile", action="store_true", help="profile one AA step per pair")
     args = parser.parse_args(argv)
+    if args.block < 1:
+        parser.error(f"--block: must be at least 1, got {args.block}")
     impls = args.attention_impl.split(",")
     for impl in impls:
         if impl not in ATTENTION_IMPLS:
@@ -141,7 +159,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"device={device} threads={torch.get_num_threads()} batch={args.batch} "
         f"input={args.input_size} amp={args.amp} clock={args.clock} "
         f"impl={','.join(impls)} torch={torch.__version__} "
-        f"(median of {args.iters}, alternated)"
+        f"(median of {args.iters}, "
+        + ("alternated)" if args.block == 1 else f"in turns of {args.block} steps)")
     )
     print("| plain | AA (path) | plain img/s | AA img/s | AA / plain step time | AA / plain MACs |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
@@ -150,7 +169,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     for names in pairs:
         models = _models(names, args.input_size, device, impls)
         macs = [count(n, args.input_size).macs for n in names]
-        t_plain, *t_aas = bench_pair(models, x, args.warmup, args.iters, args.amp, clock)
+        t_plain, *t_aas = bench_pair(
+            models, x, args.warmup, args.iters, args.amp, clock, args.block
+        )
         for impl, t_aa in zip(impls, t_aas, strict=True):
             print(
                 f"| {names[0]} | {names[1]} ({impl}) | {args.batch / t_plain:.1f} | "

@@ -229,6 +229,31 @@ def test_fused_paths_equal_simple(
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_pointwise_layer_runs_one_convolution_for_both_branches(
+    bias: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 1x1 stride-1 layer (the projection and expansion placements) computes its conv branch
+    and its qkv projection as one convolution: same outputs and gradients as the two modules
+    called one by one, and a single convolution call."""
+    torch.manual_seed(0)
+    layer = AAConv2d(6, 10, 1, dk=4, dv=4, num_heads=2, max_size=MAX, bias=bias).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.dim() == 1:
+                p.normal_()
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64)
+    grad = torch.randn(2, 10, 5, 7, dtype=torch.float64)
+    calls = []
+    real_conv2d = F.conv2d
+    monkeypatch.setattr(F, "conv2d", lambda *a, **k: calls.append(1) or real_conv2d(*a, **k))
+    fused = _forward_and_grads(layer, x, grad)
+    assert len(calls) == 2  # the fused 1x1 and attn_out
+    monkeypatch.setattr(AAConv2d, "_shares_input", lambda self: False)
+    for g, e in zip(fused, _forward_and_grads(layer, x, grad), strict=True):
+        torch.testing.assert_close(g, e)
+
+
 def test_chunked_float32_matches_simple() -> None:
     layer = _layer(dk=8, dv=6).float()
     x = torch.randn(2, layer.in_channels, 8, 9)
@@ -707,6 +732,45 @@ def test_fused_float32_odd_sizes_match_simple() -> None:
         torch.testing.assert_close(g, e, rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize(
+    ("dkh", "dvh", "h", "w"),
+    [
+        (5, 6, 9, 17),  # deeper heads than the kernel unrolls, values in two groups, W 17 -> 24
+        (4, 1, 7, 7),  # MnasNet-like 7x7 (half vectors), 49 rows: one left after groups of 4
+        (3, 2, 28, 28),  # AA-ResNet-50's 28x28 stage: full vectors, 28 -> 32
+    ],
+)
+def test_fused_float32_shapes_match_simple(dkh: int, dvh: int, h: int, w: int) -> None:
+    """Padded rows, row groups and their remainders, channel groups, both vector widths."""
+    inputs = _core_inputs(1, 2, dkh, dvh, h, w)
+    expected = _core_out_and_grads(inputs, 2, "simple")
+    got = _core_out_and_grads(inputs, 2, "fused")
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=3e-5)
+
+
+def test_fused_narrow_vectors_match_simple(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel as a machine without AVX-512 or AVX2 builds it (16-byte vectors: the generic
+    2^x and lane sums over 4 and 2 lanes instead of 16 and 8) gives the same results."""
+    if _fused_cpu._compiler() is None:
+        pytest.skip("no C compiler on PATH")
+    monkeypatch.setenv("AANAS_KERNEL_CACHE", str(tmp_path / "kernels"))
+    monkeypatch.setattr(_fused_cpu, "_vector_bytes", lambda flags: 16)
+    _fused_cpu._library.cache_clear()
+    try:
+        assert _fused_cpu._library() is not None
+        assert _fused_cpu._library()[1] == {"f32": 4, "f32h": 2, "f64": 2}
+        for dtype, tol in ((torch.float32, 3e-5), (torch.float64, 1e-10)):
+            inputs = [t.detach().to(dtype).requires_grad_() for t in _core_inputs(2, 2, 3, 2, 5, 7)]
+            expected = _core_out_and_grads(inputs, 2, "simple")
+            got = _core_out_and_grads(inputs, 2, "fused")
+            for g, e in zip(got, expected, strict=True):
+                torch.testing.assert_close(g, e.to(dtype), rtol=tol, atol=tol)
+    finally:
+        monkeypatch.undo()
+        _fused_cpu._library.cache_clear()
+
+
 def test_fused_two_threads_equal_one_thread() -> None:
     """The OpenMP loops split rows (forward) and (batch, head) pairs (backward): each output
     element is written by one thread in a fixed order, so the results are bitwise equal."""
@@ -746,11 +810,12 @@ def test_fused_builds_into_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyP
     if _fused_cpu._compiler() is None:
         pytest.skip("no C compiler on PATH")
     monkeypatch.setenv("AANAS_KERNEL_CACHE", str(tmp_path / "kernels"))
-    lib = _fused_cpu._build()
+    lib, lanes = _fused_cpu._build()
     files = sorted(p.name for p in (tmp_path / "kernels").iterdir())
     assert len(files) == 1 and files[0].startswith("aa_fused_") and files[0].endswith(".so")
     assert lib.aa_fwd_f32 is not None and lib.aa_bwd_f64 is not None
-    assert _fused_cpu._build()._name == lib._name  # second call reuses the file
+    assert lanes["f32"] == 2 * lanes["f32h"] and lanes["f32"] >= 8
+    assert _fused_cpu._build()[0]._name == lib._name  # second call reuses the file
 
 
 def test_fused_falls_back_to_chunked_with_one_warning(

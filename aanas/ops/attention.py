@@ -20,9 +20,10 @@ the formula in forward and backward:
   where memory limits, and on CPU where the fused kernel is unavailable (see
   :func:`relative_attention`).
 * ``"fused"``: CPU only, a small C kernel (:mod:`aanas.ops._fused_cpu`, built once per machine)
-  that does the whole softmax attention one query row at a time in cache, forward and backward;
-  no ``(HW)^2`` tensor at all. The default for CPU training where it builds (2.5x the chunked
-  path's speed at 28x28); the chunked path is its fallback.
+  that does the whole softmax attention four query rows at a time in cache, forward and
+  backward; no ``(HW)^2`` tensor at all. The default for CPU training where it builds (2.6x the
+  chunked path's speed at AA-ResNet-50's 28x28 layers, forward + backward, one thread); the
+  chunked path is its fallback.
 * ``"sdpa"``: ``F.scaled_dot_product_attention`` with the relative logits as an additive mask.
 * ``"flex"``: CUDA ``flex_attention`` with the relative logits as a score modification.
 
@@ -494,8 +495,8 @@ def relative_attention(
       logits as a score modification reading ``(HW, H)`` and ``(HW, W)`` per-query tables;
       never builds an ``(HW)^2`` tensor. Opt-in: it could not be run where this was written.
     * ``"fused"``: CPU only (float32/float64, or under CPU autocast), the C kernel of
-      :mod:`aanas.ops._fused_cpu`: one query row at a time, softmax, weighted sum and every
-      gradient in a few vectorised loops over a cached row; no ``(HW)^2`` tensor. Where the
+      :mod:`aanas.ops._fused_cpu`: four query rows at a time, softmax, weighted sum and every
+      gradient in a few vectorised passes over cached rows; no ``(HW)^2`` tensor. Where the
       kernel cannot be built (no C compiler), it warns once and runs ``"chunked"``.
     * ``"auto"``: ``"simple"`` while tracing/exporting/compiling or when no gradient is
       needed; otherwise, on CPU, ``"fused"`` from ``2**12`` logits (``B * Nh * (HW)^2``)
@@ -791,6 +792,26 @@ class AAConv2d(nn.Module):
             f"relative={self.relative}, max_size={self.max_size}, depthwise={self.depthwise}"
         )
 
+    def _shares_input(self) -> bool:
+        """True where the conv branch is a 1x1, stride-1, dense conv: it then reads exactly
+        what the qkv projection reads."""
+        return self.kernel_size == 1 and self.stride == 1 and not self.depthwise
+
+    def _fused_pointwise(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The conv branch and the qkv projection as one 1x1 convolution, split after."""
+        assert self.conv_out is not None and self.qkv_conv is not None
+        conv_channels = self.out_channels - self.dv
+        convs = (self.conv_out, self.qkv_conv)
+        weight = torch.cat([c.weight for c in convs])
+        bias = None
+        if any(c.bias is not None for c in convs):
+            bias = torch.cat(
+                [c.weight.new_zeros(c.out_channels) if c.bias is None else c.bias for c in convs]
+            )
+        out = F.conv2d(x, weight, bias)
+        conv, qkv = torch.split(out, [conv_channels, out.shape[1] - conv_channels], dim=1)
+        return conv, qkv
+
     def forward(self, x: Tensor) -> Tensor:
         """Applies the layer.
 
@@ -812,11 +833,18 @@ class AAConv2d(nn.Module):
                 "a larger max_size"
             )
         outs: list[Tensor] = []
-        if self.conv_out is not None:
+        qkv: Tensor | None = None
+        if self.conv_out is not None and self.qkv_conv is not None and self._shares_input():
+            # One convolution for both branches (same input, both 1x1): a second small conv
+            # and the sum of the two input gradients cost more than the copy of the weights.
+            conv, qkv = self._fused_pointwise(x)
+            outs.append(conv)
+        elif self.conv_out is not None:
             conv_in = x[:, : self.out_channels - self.dv] if self.depthwise else x
             outs.append(self.conv_out(conv_in))  # (B, out - dv, H', W')
         if self.qkv_conv is not None and self.attn_out is not None:
-            qkv = self.qkv_conv(attention_input(x, self.stride))  # (B, 2dk + dv, H', W')
+            if qkv is None:
+                qkv = self.qkv_conv(attention_input(x, self.stride))  # (B, 2dk + dv, H', W')
             q, k, v = torch.split(qkv, [self.dk, self.dk, self.dv], dim=1)
             attn = relative_attention(
                 q,
