@@ -749,6 +749,25 @@ def test_fused_float32_shapes_match_simple(dkh: int, dvh: int, h: int, w: int) -
         torch.testing.assert_close(g, e, rtol=1e-5, atol=3e-5)
 
 
+def test_fused_reads_qkv_slices_and_other_layouts() -> None:
+    """q, k, v as channel slices of one qkv tensor (read in place, batch stride of the whole)
+    and in channels-last layout (copied first) give the simple path's outputs and gradients."""
+    torch.manual_seed(3)
+    heads, dkh, dvh = 2, 3, 2
+    qkv = torch.randn(3, heads * (2 * dkh + dvh), 5, 6, requires_grad=True)
+    rel_w, rel_h = (torch.randn(2 * n - 1, dkh, requires_grad=True) for n in (6, 5))
+    grad = torch.randn(3, heads * dvh, 5, 6)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        results = []
+        for impl in ("fused", "simple"):
+            x = qkv.to(memory_format=layout)
+            q, k, v = torch.split(x, [heads * dkh, heads * dkh, heads * dvh], dim=1)
+            out = relative_attention(q, k, v, heads, rel_w, rel_h, impl=impl)
+            results.append([out, *torch.autograd.grad(out, [qkv, rel_w, rel_h], grad)])
+        for g, e in zip(*results, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=2e-5)
+
+
 def test_fused_narrow_vectors_match_simple(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The kernel as a machine without AVX-512 or AVX2 builds it (16-byte vectors: the generic
     2^x and lane sums over 4 and 2 lanes instead of 16 and 8) gives the same results."""
@@ -850,7 +869,8 @@ def test_fused_errors() -> None:
 
 
 def test_fused_large_maps_and_nonfinite_run_chunked(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Maps over MAX_POSITIONS and NaN/inf inputs never reach the kernel."""
+    """Maps over MAX_POSITIONS never reach the kernel; with a NaN/inf in any input (q, k, v or
+    a table) the kernel declines before computing and the exact path runs."""
     calls: list[int] = []
     original = _fused_cpu._FusedRelAttention.apply
 
@@ -867,7 +887,13 @@ def test_fused_large_maps_and_nonfinite_run_chunked(monkeypatch: pytest.MonkeyPa
     assert calls == [1]
     torch.testing.assert_close(out, relative_attention(q, k, v, 2, rel_w, rel_h, impl="simple"))
     monkeypatch.setattr(_fused_cpu, "MAX_POSITIONS", 20)
-    with torch.no_grad():
-        k[0, 0, 0, 0] = float("inf")
-    relative_attention(q, k, v, 2, rel_w, rel_h, impl="fused")
-    assert calls == [1]
+    for index in range(5):
+        inputs = [t.detach().clone() for t in _core_inputs(1, 2, 3, 2, 4, 5)]
+        inputs[index].view(-1)[3] = float("inf")
+        got = relative_attention(*inputs[:3], 2, *inputs[3:], impl="fused")
+        expected = relative_attention(*inputs[:3], 2, *inputs[3:], impl="chunked")
+        assert torch.equal(torch.isnan(got), torch.isnan(expected))
+        assert not torch.isnan(got).all()  # the table's inf reaches only some logits
+        finite = ~torch.isnan(expected)
+        torch.testing.assert_close(got[finite], expected[finite])
+    assert len(calls) == 6  # the kernel was asked each time and declined

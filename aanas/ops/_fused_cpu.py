@@ -62,7 +62,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.nn import functional as F
 
-__all__ = ["MAX_POSITIONS", "available", "fused_relative_attention", "inputs_finite"]
+__all__ = ["MAX_POSITIONS", "available", "fused_relative_attention"]
 
 _log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ _HEADER = r"""
 # (vrndscaleps, vscalefps); elsewhere the 1.5 * 2^23 trick rounds and leaves n + 127 in the low
 # bits, two integer ops from 2^n. Below -126 the result is exactly 0 (2^-126 = 1.2e-38 against a
 # largest term of 1 in every sum it enters), which zeroes the padding lanes (logit -1e30) and
-# keeps denormals out. Non-finite inputs never get here (:func:`inputs_finite`); the kernel is
+# keeps denormals out. Non-finite inputs never get here (aa_fwd checks them first); the kernel is
 # built without -ffast-math, which would fold the rounding trick away.
 _EXP_F32 = r"""
 static inline vec_SUFFIX poly_exp2_SUFFIX(vec_SUFFIX f) {
@@ -288,13 +288,13 @@ static inline __attribute__((always_inline)) void fwd_rows_SUFFIX(
     const int Q, long i0, const scalar_t* restrict qn, const scalar_t* restrict kn,
     const scalar_t* restrict vn, const scalar_t* restrict th, const scalar_t* restrict tw,
     scalar_t* restrict outn, scalar_t* restrict lsen, long d, long c, long h, long w, long wp,
-    long thl, long twl, int rel, vec_SUFFIX* restrict row) {
+    long thl, long twl, scalar_t scale, int rel, vec_SUFFIX* restrict row) {
   const long hw = h * w, hwp = h * wp, sb = wp / VL, nb = hwp / VL;
   scalar_t qs[Q * d], rh[Q * h], m[Q], ssum[Q], osum[Q * c];
   vec_SUFFIX rw[Q * sb], sv[Q], acc[Q * c];
   for (int a = 0; a < Q; ++a) {
     const long i = i0 + a;
-    for (long t = 0; t < d; ++t) qs[a * d + t] = qn[t * hw + i] * (scalar_t)BASE2_SCALE;
+    for (long t = 0; t < d; ++t) qs[a * d + t] = qn[t * hw + i] * scale;
     rel_bias_SUFFIX(qs + a * d, th, tw, d, h, w, wp, thl, twl, i / w, i % w, rel, rh + a * h,
                     rw + a * sb);
   }
@@ -311,23 +311,69 @@ static inline __attribute__((always_inline)) void fwd_rows_SUFFIX(
   }
 }
 
-/* Query rows four at a time (the last hw % 4 of each (batch, head) one at a time), in
-   parallel. Each thread keeps four rows' logits in one buffer. */
-void aa_fwd_SUFFIX(const scalar_t* restrict q, const scalar_t* restrict k,
-                   const scalar_t* restrict v, const scalar_t* restrict th,
-                   const scalar_t* restrict tw, scalar_t* restrict out, scalar_t* restrict lse,
-                   long bn, long d, long c, long h, long w, long wp, long thl, long twl, int rel,
-                   int nt) {
+/* Copies (batch, head) n's ch channels of src (channel-major, batch stride sb, heads * ch
+   channels) into dst (ch, H, WP), each key row zero-padded from W to WP; returns 1 if any value
+   copied is not finite. */
+static int pad_rows_SUFFIX(const scalar_t* restrict src, long sb, long heads, long ch, long h,
+                           long w, long wp, long n, scalar_t* restrict dst) {
+  const long hw = h * w, hwp = h * wp;
+  const scalar_t* s = src + (n / heads) * sb + (n % heads) * ch * hw;
+  scalar_t* o = dst + n * ch * hwp;
+  int bad = 0;
+  for (long t = 0; t < ch; ++t)
+    for (long x = 0; x < h; ++x) {
+      const scalar_t* sr = s + t * hw + x * w;
+      scalar_t* orow = o + t * hwp + x * wp;
+      for (long y = 0; y < w; ++y) {
+        orow[y] = sr[y];
+        bad |= !isfinite(sr[y]);
+      }
+      for (long y = w; y < wp; ++y) orow[y] = 0;
+    }
+  return bad;
+}
+
+static int finite_SUFFIX(const scalar_t* restrict x, long n) {
+  int bad = 0;
+  for (long i = 0; i < n; ++i) bad |= !isfinite(x[i]);
+  return !bad;
+}
+
+/* q, k, v: (B, heads * d | d | c, H, W) channel-major views with batch strides qsb, ksb, vsb
+   (channel slices of one qkv tensor need no copy); kp, vp get k and v padded, (BN, d | c,
+   H * WP). First the copies and a check that q, k, v and the tables are finite (returns 1
+   without computing anything otherwise); then query rows four at a time (the last hw % 4 of
+   each (batch, head) one at a time), in parallel, each thread keeping four rows' logits in one
+   buffer. scale multiplies q (dkh^-1/2). */
+int aa_fwd_SUFFIX(const scalar_t* restrict q, const scalar_t* restrict k,
+                  const scalar_t* restrict v, const scalar_t* restrict th,
+                  const scalar_t* restrict tw, scalar_t* restrict kp, scalar_t* restrict vp,
+                  scalar_t* restrict out, scalar_t* restrict lse, long bn, long heads, long d,
+                  long c, long h, long w, long wp, long thl, long twl, long qsb, long ksb,
+                  long vsb, scalar_t scale, int rel, int nt) {
   const long hw = h * w, hwp = h * wp, nb = hwp / VL, ng = (hw + 3) / 4;
+  if (rel && !(finite_SUFFIX(th, d * thl) && finite_SUFFIX(tw, d * twl))) return 1;
+  int bad = 0;
+  #pragma omp parallel for num_threads(nt) schedule(static) reduction(| : bad)
+  for (long n = 0; n < bn; ++n) {
+    bad |= pad_rows_SUFFIX(k, ksb, heads, d, h, w, wp, n, kp);
+    bad |= pad_rows_SUFFIX(v, vsb, heads, c, h, w, wp, n, vp);
+    for (long t = 0; t < d; ++t)
+      bad |= !finite_SUFFIX(q + (n / heads) * qsb + ((n % heads) * d + t) * hw, hw);
+  }
+  if (bad) return 1;
+  const scalar_t qscale = scale * (scalar_t)BASE2_SCALE;
   #pragma omp parallel num_threads(nt)
   {
     vec_SUFFIX* row = aligned_alloc(64, 4 * nb * sizeof(vec_SUFFIX));  /* whole cache lines */
     #pragma omp for schedule(dynamic, 4)
     for (long r = 0; r < bn * ng; ++r) {
       const long n = r / ng, i0 = (r % ng) * 4;
+      const scalar_t* qn = q + (n / heads) * qsb + (n % heads) * d * hw;
 #define FWD_ROWS_SUFFIX(Q, i)                                                               \
-      fwd_rows_SUFFIX(Q, i, q + n * d * hw, k + n * d * hwp, v + n * c * hwp, th, tw,       \
-                      out + n * c * hw, lse + n * hw, d, c, h, w, wp, thl, twl, rel, row)
+      fwd_rows_SUFFIX(Q, i, qn, kp + n * d * hwp, vp + n * c * hwp, th, tw,                 \
+                      out + n * c * hw, lse + n * hw, d, c, h, w, wp, thl, twl, qscale,     \
+                      rel, row)
       if (i0 + 4 <= hw) {
         FWD_ROWS_SUFFIX(4, i0);
       } else {
@@ -337,6 +383,7 @@ void aa_fwd_SUFFIX(const scalar_t* restrict q, const scalar_t* restrict k,
     }
     free(row);
   }
+  return 0;
 }
 
 /* Backward, key channels c0 .. c0 + G - 1 of Q query rows: dk += sum_q dS_q q_q and
@@ -375,10 +422,11 @@ static inline __attribute__((always_inline)) void bwd_keys_SUFFIX(
 static inline __attribute__((always_inline)) void bwd_rows_SUFFIX(
     const int Q, long i0, const scalar_t* restrict qn, const scalar_t* restrict kn,
     const scalar_t* restrict vn, const scalar_t* restrict th, const scalar_t* restrict tw,
-    const scalar_t* restrict lse, const scalar_t* restrict gn, const scalar_t* restrict delta,
+    const scalar_t* restrict lse, const scalar_t* restrict gn, const scalar_t* restrict on,
     scalar_t* restrict dqn, scalar_t* restrict dkn, scalar_t* restrict dvn,
     scalar_t* restrict dthn, scalar_t* restrict dtwn, long d, long c, long h, long w, long wp,
-    long thl, long twl, int rel, vec_SUFFIX* restrict p, vec_SUFFIX* restrict ds) {
+    long thl, long twl, scalar_t scale, int rel, vec_SUFFIX* restrict p,
+    vec_SUFFIX* restrict ds) {
   const long hw = h * w, hwp = h * wp, sb = wp / VL, nb = hwp / VL, hb = (h + VL - 1) / VL;
   const vec_SUFFIX zero = {0};
   scalar_t qi[Q * d], qs[Q * d], dqi[Q * d], gi[Q * c], rh[Q * h], dl[Q], lq[Q], gxs[hb * VL];
@@ -386,12 +434,15 @@ static inline __attribute__((always_inline)) void bwd_rows_SUFFIX(
   for (int a = 0; a < Q; ++a) {
     const long i = i0 + a;
     for (long t = 0; t < d; ++t) {
-      qi[a * d + t] = qn[t * hw + i];
+      qi[a * d + t] = qn[t * hw + i] * scale;
       qs[a * d + t] = qi[a * d + t] * (scalar_t)BASE2_SCALE;
     }
-    for (long cc = 0; cc < c; ++cc) gi[a * c + cc] = gn[cc * hw + i];
+    dl[a] = 0;  /* delta_i = dO_i . O_i */
+    for (long cc = 0; cc < c; ++cc) {
+      gi[a * c + cc] = gn[cc * hw + i];
+      dl[a] += gi[a * c + cc] * on[cc * hw + i];
+    }
     for (long ob = 0; ob < sb; ++ob) gw[a * sb + ob] = zero;
-    dl[a] = delta[i];
     rel_bias_SUFFIX(qs + a * d, th, tw, d, h, w, wp, thl, twl, i / w, i % w, rel, rh + a * h,
                     rw + a * sb);
     lq[a] = lse[i];
@@ -458,42 +509,50 @@ static inline __attribute__((always_inline)) void bwd_rows_SUFFIX(
   }
   lane_sums_SUFFIX(dqv, Q * d, dqi);
   for (int a = 0; a < Q; ++a)
-    for (long t = 0; t < d; ++t) dqn[t * hw + i0 + a] = dqi[a * d + t];
+    for (long t = 0; t < d; ++t) dqn[t * hw + i0 + a] = dqi[a * d + t] * scale;
 }
 
-/* dth (BN, d, THL) and dtw (BN, d, TWL) are per (batch, head), written whole (the caller
-   sums them over BN); dk and dv are zeroed by the caller. With rel == 0 dth and dtw are
-   neither read nor written.
-   Query rows go four at a time (bwd_rows), the last hw % 4 one at a time. */
-void aa_bwd_SUFFIX(const scalar_t* restrict q, const scalar_t* restrict k,
-                   const scalar_t* restrict v, const scalar_t* restrict th,
+/* q as in aa_fwd (batch stride qsb), kp and vp as aa_fwd padded them, out and dout (BN, c,
+   HW); writes dq (BN, d, HW), dk (BN, d, HW), dv (BN, c, HW) and, with rel, the tables'
+   gradients per (batch, head), dth (BN, d, THL) and dtw (BN, d, TWL) (the caller sums them
+   over BN). Per (batch, head), on one thread: query rows four at a time (bwd_rows), the last
+   hw % 4 one at a time. Per thread, allocated once: P and dS of four rows, dk and dv padded,
+   and the table gradients (accumulated here and copied out at the end of each (batch, head):
+   neighbouring pairs' slices of dth and dtw share cache lines, which two threads updating them
+   row after row would pass back and forth). */
+void aa_bwd_SUFFIX(const scalar_t* restrict q, const scalar_t* restrict kp,
+                   const scalar_t* restrict vp, const scalar_t* restrict th,
                    const scalar_t* restrict tw, const scalar_t* restrict lse,
-                   const scalar_t* restrict dout, const scalar_t* restrict delta,
+                   const scalar_t* restrict out, const scalar_t* restrict dout,
                    scalar_t* restrict dq, scalar_t* restrict dk, scalar_t* restrict dv,
-                   scalar_t* restrict dth, scalar_t* restrict dtw, long bn, long d, long c,
-                   long h, long w, long wp, long thl, long twl, int rel, int nt) {
+                   scalar_t* restrict dth, scalar_t* restrict dtw, long bn, long heads, long d,
+                   long c, long h, long w, long wp, long thl, long twl, long qsb,
+                   scalar_t scale, int rel, int nt) {
   const long hw = h * w, hwp = h * wp, nb = hwp / VL;
   #pragma omp parallel num_threads(nt)
   {
-    /* Per thread, allocated once: P and dS of four rows, and one (batch, head)'s table
-       gradients, accumulated here and copied out at the end of it, because neighbouring
-       (batch, head) pairs' slices of dth and dtw share cache lines, which two threads
-       updating them row after row would pass back and forth. */
-    vec_SUFFIX* p = aligned_alloc(64, 8 * nb * sizeof(vec_SUFFIX));  /* whole cache lines */
+    vec_SUFFIX* p = aligned_alloc(64, (8 * nb + (d + c) * nb) * sizeof(vec_SUFFIX));
     vec_SUFFIX* ds = p + 4 * nb;
+    scalar_t* dkp = (scalar_t*)(ds + 4 * nb);  /* (d, H * WP) then dvp (c, H * WP) */
+    scalar_t* dvp = dkp + d * hwp;
     scalar_t* gt = rel ? malloc(d * (thl + twl) * sizeof(scalar_t)) : NULL;
     #pragma omp for schedule(dynamic, 1)
     for (long n = 0; n < bn; ++n) {
+      memset(dkp, 0, (d + c) * hwp * sizeof(scalar_t));
       if (rel) memset(gt, 0, d * (thl + twl) * sizeof(scalar_t));
 #define BWD_ROWS_SUFFIX(Q, i0)                                                              \
-      bwd_rows_SUFFIX(Q, i0, q + n * d * hw, k + n * d * hwp, v + n * c * hwp, th, tw,      \
-                      lse + n * hw, dout + n * c * hw, delta + n * hw, dq + n * d * hw,     \
-                      dk + n * d * hwp, dv + n * c * hwp, gt, gt + d * thl, d, c, h, w, wp, \
-                      thl, twl, rel, p, ds)
+      bwd_rows_SUFFIX(Q, i0, q + (n / heads) * qsb + (n % heads) * d * hw, kp + n * d * hwp, \
+                      vp + n * c * hwp, th, tw, lse + n * hw, dout + n * c * hw,            \
+                      out + n * c * hw, dq + n * d * hw, dkp, dvp, gt, gt + d * thl, d, c,  \
+                      h, w, wp, thl, twl, scale, rel, p, ds)
       long i = 0;
       for (; i + 4 <= hw; i += 4) BWD_ROWS_SUFFIX(4, i);
       for (; i < hw; ++i) BWD_ROWS_SUFFIX(1, i);
 #undef BWD_ROWS_SUFFIX
+      for (long t = 0; t < d + c; ++t) {
+        scalar_t* o = (t < d ? dk + (n * d + t) * hw : dv + (n * c + t - d) * hw);
+        for (long x = 0; x < h; ++x) memcpy(o + x * w, dkp + t * hwp + x * wp, w * sizeof(scalar_t));
+      }
       if (rel) {
         memcpy(dth + n * d * thl, gt, d * thl * sizeof(scalar_t));
         memcpy(dtw + n * d * twl, gt + d * thl, d * twl * sizeof(scalar_t));
@@ -605,8 +664,11 @@ def _source(vector_bytes: int) -> str:
 # 16.0 ms against 10.8 for the passes), two rows at a time (forward 8.1, backward 11.5).
 _FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC")
 
-_ARGS_FWD = [ctypes.c_void_p] * 7 + [ctypes.c_long] * 8 + [ctypes.c_int] * 2
-_ARGS_BWD = [ctypes.c_void_p] * 13 + [ctypes.c_long] * 8 + [ctypes.c_int] * 2
+def _signatures(scalar: Any) -> tuple[list[Any], list[Any]]:
+    """ctypes argument types of aa_fwd and aa_bwd for a variant of C type ``scalar``."""
+    fwd = [ctypes.c_void_p] * 9 + [ctypes.c_long] * 12 + [scalar] + [ctypes.c_int] * 2
+    bwd = [ctypes.c_void_p] * 13 + [ctypes.c_long] * 10 + [scalar] + [ctypes.c_int] * 2
+    return fwd, bwd
 
 
 def _cache_dir() -> Path:
@@ -622,14 +684,6 @@ def _cpu_flags() -> str:
             return next((line for line in f if line.startswith("flags")), "")
     except OSError:
         return ""
-
-
-def inputs_finite(*tensors: Tensor | None) -> bool:
-    """True when no tensor holds a NaN or inf: the kernel promises correct results only then
-    (its max and its 2^x, which returns 0 below 2^-126, would drop a NaN logit instead of
-    passing it on). The check reads ``O(HW)`` values per head, against the kernel's
-    ``O((HW)^2)`` work."""
-    return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _compiler() -> str | None:
@@ -673,9 +727,10 @@ def _build() -> tuple[ctypes.CDLL, dict[str, int]]:
     lib = ctypes.CDLL(str(lib_path))
     lanes = {}
     for suffix, (scalar, _, nbytes, _, _) in _variants(vector_bytes).items():
-        getattr(lib, f"aa_fwd_{suffix}").argtypes = _ARGS_FWD
-        getattr(lib, f"aa_fwd_{suffix}").restype = None
-        getattr(lib, f"aa_bwd_{suffix}").argtypes = _ARGS_BWD
+        fwd, bwd = _signatures(ctypes.c_float if scalar == "float" else ctypes.c_double)
+        getattr(lib, f"aa_fwd_{suffix}").argtypes = fwd
+        getattr(lib, f"aa_fwd_{suffix}").restype = ctypes.c_int
+        getattr(lib, f"aa_bwd_{suffix}").argtypes = bwd
         getattr(lib, f"aa_bwd_{suffix}").restype = None
         lanes[suffix] = nbytes // (4 if scalar == "float" else 8)
     return lib, lanes
@@ -723,55 +778,64 @@ def _pad_rows(t: Tensor, w: int, wp: int) -> Tensor:
     return F.pad(t.reshape(bn, ch, hw // w, w), (0, wp - w)).reshape(bn, ch, -1)
 
 
-class _FusedRelAttention(torch.autograd.Function):
-    """Autograd wrapper of the C kernel: inputs ``qt, kt, vt, t_h, t_w``, output ``o``.
+class _NonFinite(Exception):
+    """Raised inside the forward when the kernel finds a NaN or inf in its inputs."""
 
-    Saves q, the padded k and v, the two tables, the output and ``lse``: ``O(HW)`` per head,
-    nothing of size ``(HW)^2``. The table gradients are accumulated per (batch, head) by the
-    kernel, so threads never share an accumulator, and summed here.
+
+def _channel_major(t: Tensor) -> Tensor:
+    """``t`` (B, C, H, W) itself where each channel is a contiguous map (a channel slice of a
+    contiguous tensor, as q, k, v split from one qkv projection are), else a contiguous copy."""
+    h, w = t.shape[2], t.shape[3]
+    return t if t.stride()[1:] == (h * w, w, 1) else t.contiguous()
+
+
+class _FusedRelAttention(torch.autograd.Function):
+    """Autograd wrapper of the C kernel: inputs ``q, k, v`` (B, heads * d | d | c, H, W) and
+    the tables ``t_h, t_w``; output (B, heads * c, H, W).
+
+    The kernel reads q, k and v where they are (channel slices of the qkv projection need no
+    copy), scales q, pads k and v itself and computes the backward's row sums; around it run
+    only the tables' transposes and the sum of their per-(batch, head) gradients. Saves q, the
+    padded k and v, the two tables, the output and ``lse``: ``O(HW)`` per head, nothing of size
+    ``(HW)^2``.
     """
 
     @staticmethod
     def forward(
         ctx: FunctionCtx,
-        qt: Tensor,
-        kt: Tensor,
-        vt: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
         t_h: Tensor | None,
         t_w: Tensor | None,
-        w: int,
+        heads: int,
     ) -> Tensor:
         loaded = _library()
         assert loaded is not None, "caller checks available()"
         lib, lanes = loaded
-        bn, d, hw = qt.shape
-        c, h = vt.shape[1], hw // w
-        suffix, wp = _variant(lanes, qt.dtype, w)
+        q, k, v = (_channel_major(t) for t in (q, k, v))
+        b, _, h, w = q.shape
+        bn, d, c = b * heads, q.shape[1] // heads, v.shape[1] // heads
+        suffix, wp = _variant(lanes, q.dtype, w)
         hp = -(-h // lanes[suffix]) * lanes[suffix]
         rel = t_h is not None and t_w is not None
         # Transposed tables (d, 2L - 1): the kernel reads them along contiguous rows, zero-padded
         # by (padded L) - L columns for whole-vector reads.
-        th = F.pad(t_h.t(), (0, hp - h)) if t_h is not None else qt.new_zeros(d, 2 * h - 1 + hp - h)
-        tw = F.pad(t_w.t(), (0, wp - w)) if t_w is not None else qt.new_zeros(d, 2 * w - 1 + wp - w)
-        kp, vp = _pad_rows(kt, w, wp), _pad_rows(vt, w, wp)
-        out = qt.new_empty(bn, c, hw)  # (BN, dvh, HW)
-        lse = qt.new_empty(bn, hw)  # (BN, HW)
-        tensors = (qt, kp, vp, th, tw, out, lse)
-        getattr(lib, f"aa_fwd_{suffix}")(
-            *map(_ptr, tensors),
-            bn,
-            d,
-            c,
-            h,
-            w,
-            wp,
-            th.shape[1],
-            tw.shape[1],
-            int(rel),
-            torch.get_num_threads(),
-        )
-        ctx.save_for_backward(qt, kp, vp, th, tw, out, lse)
-        ctx.rel, ctx.w, ctx.suffix = rel, w, suffix  # type: ignore[attr-defined]
+        th = F.pad(t_h.t(), (0, hp - h)) if t_h is not None else q.new_zeros(d, 2 * h - 1 + hp - h)
+        tw = F.pad(t_w.t(), (0, wp - w)) if t_w is not None else q.new_zeros(d, 2 * w - 1 + wp - w)
+        kp, vp = q.new_empty(bn, d, h * wp), q.new_empty(bn, c, h * wp)
+        out = q.new_empty(b, heads * c, h, w)  # = (BN, c, HW)
+        lse = q.new_empty(bn, h * w)
+        scale = d**-0.5
+        tensors = (q, k, v, th, tw, kp, vp, out, lse)
+        sizes = (bn, heads, d, c, h, w, wp, th.shape[1], tw.shape[1])
+        strides = (q.stride(0), k.stride(0), v.stride(0))
+        threads = torch.get_num_threads()
+        fn = getattr(lib, f"aa_fwd_{suffix}")
+        if fn(*map(_ptr, tensors), *sizes, *strides, scale, int(rel), threads):
+            raise _NonFinite
+        ctx.save_for_backward(q, kp, vp, th, tw, out, lse)
+        ctx.rel, ctx.heads, ctx.suffix, ctx.scale = rel, heads, suffix, scale  # type: ignore[attr-defined]
         return out
 
     @staticmethod
@@ -780,58 +844,49 @@ class _FusedRelAttention(torch.autograd.Function):
         loaded = _library()
         assert loaded is not None
         lib = loaded[0]
-        qt, kp, vp, th, tw, out, lse = ctx.saved_tensors
-        bn, d, hw = qt.shape
-        c, w, thl, twl = vp.shape[1], ctx.w, th.shape[1], tw.shape[1]
-        h = hw // w
-        wp = kp.shape[2] // h
-        g = grad_out.contiguous()  # (BN, dvh, HW)
-        delta = (g * out).sum(1)  # (BN, HW): rowsum(dO * O) per query
-        dq = torch.empty_like(qt)
-        dk = torch.zeros_like(kp)
-        dv = torch.zeros_like(vp)
-        dth = qt.new_empty(bn, d, thl) if ctx.rel else qt.new_empty(1)
-        dtw = qt.new_empty(bn, d, twl) if ctx.rel else qt.new_empty(1)
-        tensors = (qt, kp, vp, th, tw, lse, g, delta, dq, dk, dv, dth, dtw)
-        getattr(lib, f"aa_bwd_{ctx.suffix}")(
-            *map(_ptr, tensors),
-            bn,
-            d,
-            c,
-            h,
-            w,
-            wp,
-            thl,
-            twl,
-            int(ctx.rel),
-            torch.get_num_threads(),
-        )
-        dk = dk.view(bn, d, h, wp)[..., :w].reshape(bn, d, hw)
-        dv = dv.view(bn, c, h, wp)[..., :w].reshape(bn, c, hw)
+        q, kp, vp, th, tw, out, lse = ctx.saved_tensors
+        b, _, h, w = q.shape
+        heads = ctx.heads
+        bn, d, c, thl, twl = b * heads, kp.shape[1], vp.shape[1], th.shape[1], tw.shape[1]
+        g = grad_out.contiguous()  # (B, heads * c, H, W) = (BN, c, HW)
+        dq = q.new_empty(b, heads * d, h, w)
+        dk = q.new_empty(b, heads * d, h, w)
+        dv = q.new_empty(b, heads * c, h, w)
+        dth = q.new_empty(bn, d, thl) if ctx.rel else q.new_empty(1)
+        dtw = q.new_empty(bn, d, twl) if ctx.rel else q.new_empty(1)
+        tensors = (q, kp, vp, th, tw, lse, out, g, dq, dk, dv, dth, dtw)
+        sizes = (bn, heads, d, c, h, w, kp.shape[2] // h, thl, twl, q.stride(0))
+        threads = torch.get_num_threads()
+        fn = getattr(lib, f"aa_bwd_{ctx.suffix}")
+        fn(*map(_ptr, tensors), *sizes, ctx.scale, int(ctx.rel), threads)
         if not ctx.rel:
             return dq, dk, dv, None, None, None
-        dt_h, dt_w = dth[..., : 2 * h - 1].sum(0).t(), dtw[..., : 2 * w - 1].sum(0).t()
+        dt_h, dt_w = dth.sum(0)[:, : 2 * h - 1].t(), dtw.sum(0)[:, : 2 * w - 1].t()
         return dq, dk, dv, dt_h, dt_w, None
 
 
 def fused_relative_attention(
-    qt: Tensor, kt: Tensor, vt: Tensor, t_h: Tensor | None, t_w: Tensor | None, w: int
-) -> Tensor:
-    """Softmax attention with 2D relative logits, ``(BN, dvh, HW)``, through the fused kernel.
+    q: Tensor, k: Tensor, v: Tensor, t_h: Tensor | None, t_w: Tensor | None, heads: int
+) -> Tensor | None:
+    """Softmax attention with 2D relative logits through the fused kernel, or None where an
+    input holds a NaN or inf (the kernel checks while it copies; the caller then runs an exact
+    IEEE path).
 
     Args:
-        qt: ``(BN, dkh, HW)`` scaled queries (CPU, float32 or float64), ``HW = H * W``.
-        kt: ``(BN, dkh, HW)`` keys.
-        vt: ``(BN, dvh, HW)`` values.
+        q: ``(B, heads * dkh, H, W)`` queries, not yet scaled (CPU, float32 or float64); head
+            ``n`` owns channels ``n * dkh .. (n + 1) * dkh - 1``, as for k and v.
+        k: ``(B, heads * dkh, H, W)`` keys.
+        v: ``(B, heads * dvh, H, W)`` values.
         t_h: ``(2H - 1, dkh)`` height table, row ``o + H - 1`` for offset ``o``; or None.
         t_w: ``(2W - 1, dkh)`` width table; given iff ``t_h`` is.
-        w: map width ``W``.
+        heads: number of heads.
 
     Returns:
-        ``(BN, dvh, HW)``, channel-major like the inputs.
+        ``(B, heads * dvh, H, W)``, or None.
     """
     tables = [None if t is None else t.contiguous() for t in (t_h, t_w)]
-    out: Tensor = _FusedRelAttention.apply(
-        qt.contiguous(), kt.contiguous(), vt.contiguous(), *tables, w
-    )
+    try:
+        out: Tensor = _FusedRelAttention.apply(q, k, v, *tables, heads)
+    except _NonFinite:
+        return None
     return out

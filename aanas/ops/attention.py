@@ -588,11 +588,6 @@ def _relative_attention(
     b, dk, h, w = q.shape
     dv, hw = v.shape[1], h * w
     dkh, dvh = dk // num_heads, dv // num_heads
-    # Channel-major per head, as the conv produced them; scaling before both the content and
-    # the relative logits, as in the appendix code.
-    qt = q.reshape(-1, dkh, hw) * dkh**-0.5  # (BN, dkh, HW), BN = B * Nh
-    kt = k.reshape(-1, dkh, hw)  # (BN, dkh, HW)
-    vt = v.reshape(-1, dvh, hw)  # (BN, dvh, HW)
     if impl == "auto":
         # Short-circuit order matters: under torch.export the batch is symbolic, so the size
         # is only computed when not exporting.
@@ -606,16 +601,22 @@ def _relative_attention(
     if impl == "fused" and not _fused_cpu.available():
         impl = "chunked"  # _fused_cpu warned once why
     if impl == "fused" and hw > _fused_cpu.MAX_POSITIONS:
-        impl = "chunked"  # the kernel keeps rows of HW values on each thread's stack
-    if impl == "fused" and not _fused_cpu.inputs_finite(q, k, v, key_rel_w, key_rel_h):
-        impl = "chunked"  # NaN/inf: exact IEEE semantics (the kernel assumes finite inputs)
+        impl = "chunked"  # 2**28 logits per head and image: the chunked path bounds memory
     if impl == "fused":
         t_h = t_w = None
         if key_rel_w is not None and key_rel_h is not None:
             t_h = central_rel_rows(key_rel_h, h)  # (2H - 1, dkh)
             t_w = central_rel_rows(key_rel_w, w)  # (2W - 1, dkh)
-        out_f = _fused_cpu.fused_relative_attention(qt, kt, vt, t_h, t_w, w)  # (BN, dvh, HW)
-        return out_f.reshape(-1, dv, h, w)  # (B, dv, H, W)
+        # The kernel reads the heads from q, k, v where they are and scales q itself.
+        out_f = _fused_cpu.fused_relative_attention(q, k, v, t_h, t_w, num_heads)
+        if out_f is not None:
+            return out_f  # (B, dv, H, W)
+        impl = "chunked"  # a NaN/inf in the inputs: exact IEEE semantics
+    # Channel-major per head, as the conv produced them; scaling before both the content and
+    # the relative logits, as in the appendix code.
+    qt = q.reshape(-1, dkh, hw) * dkh**-0.5  # (BN, dkh, HW), BN = B * Nh
+    kt = k.reshape(-1, dkh, hw)  # (BN, dkh, HW)
+    vt = v.reshape(-1, dvh, hw)  # (BN, dvh, HW)
     if impl == "chunked":
         rows = chunk_rows or _auto_chunk_rows(b, num_heads, h, w, q.is_cuda)
         t_h = t_w = None
