@@ -27,10 +27,16 @@ The four rows share every load of k and v and every update of dk and dv (a quart
 memory traffic of one row at a time) and give the core four independent exp chains. Key rows
 are padded to whole vectors (28 -> 32 positions; padded keys get weight 0), so no loop has a
 scalar remainder. No ``(HW)^2`` tensor is ever allocated, and nothing but the kernel runs per
-logit. (A first version took the relative logits ``(BN, HW, H)`` and ``(BN, HW, W)`` from
-autograd ops around the kernel; their thin matmuls and the strided view's backward cost a
-third of its time. The second went one row at a time through loops gcc vectorised itself:
-28x28, B=4, Nh=8, one thread, quiet: 8.4 / 13.3 ms forward / backward, against 6.1 / 10.4 now.)
+logit. The kernel also does the small jobs around the core, which as separate torch ops cost
+more than the core at MnasNet's 7x7 and 14x14 maps: it reads q, k, v where the qkv projection
+left them (channel slices, no copies), scales q, pads k and v, checks the inputs are finite,
+computes the backward's ``delta`` and writes unpadded gradients (28x28: 0.48 -> 0.19 ms of
+glue per call, forward + backward; 7x7: 0.20 -> 0.09 ms).
+
+(A first version took the relative logits ``(BN, HW, H)`` and ``(BN, HW, W)`` from autograd ops
+around the kernel; their thin matmuls and the strided view's backward cost a third of its time.
+The second went one row at a time through loops gcc vectorised itself: 28x28, B=4, Nh=8, one
+thread, quiet: 8.4 / 13.3 ms forward / backward, against 5.4 / 9.3 now.)
 
 The C source is compiled once per machine with the system C compiler (``cc``/``gcc``;
 ``-O3 -march=native -fopenmp``) into ``$AANAS_KERNEL_CACHE`` (default
@@ -75,8 +81,9 @@ MAX_POSITIONS = 128 * 128
 # extensions (GCC and clang lower them to the machine's widest registers, or to pairs of
 # narrower ones). For that the keys are padded: each key row of W positions is stored with
 # WP >= W positions, WP a multiple of VL (AA-ResNet-50's 28 -> 32 with 16 lanes), the padding
-# lanes get a logit of -1e30, hence weight 0. Layouts, all contiguous: q (BN, d, HW) already
-# scaled by dkh^-1/2; k (BN, d, H * WP), v (BN, c, H * WP) padded; th (d, THL) and tw (d, TWL)
+# lanes get a logit of -1e30, hence weight 0. Layouts: q, k, v (B, heads * d | c, H, W) with
+# whole channel maps contiguous and a batch stride of their own (q is scaled in the kernel); k
+# and v padded by the kernel into (BN, d | c, H * WP), BN = B * heads; th (d, THL) and tw (d, TWL)
 # the transposed tables, zero-padded from 2L - 1 to THL = 2H - 1 + HP - H (HP = H rounded up to
 # whole vectors) and TWL = 2W - 1 + WP - W columns so that whole-vector reads stay inside them;
 # out (BN, c, HW); lse (BN, HW), base 2. Forward runs groups of four query rows in parallel,
@@ -551,7 +558,8 @@ void aa_bwd_SUFFIX(const scalar_t* restrict q, const scalar_t* restrict kp,
 #undef BWD_ROWS_SUFFIX
       for (long t = 0; t < d + c; ++t) {
         scalar_t* o = (t < d ? dk + (n * d + t) * hw : dv + (n * c + t - d) * hw);
-        for (long x = 0; x < h; ++x) memcpy(o + x * w, dkp + t * hwp + x * wp, w * sizeof(scalar_t));
+        for (long x = 0; x < h; ++x)
+          memcpy(o + x * w, dkp + t * hwp + x * wp, w * sizeof(scalar_t));
       }
       if (rel) {
         memcpy(dth + n * d * thl, gt, d * thl * sizeof(scalar_t));
@@ -660,9 +668,14 @@ def _source(vector_bytes: int) -> str:
 # 13.3). This kernel, quiet: whole vectors over padded rows, one row at a time 8.3 / 13.8;
 # 2^x with vrndscaleps / vscalefps and a degree-5 polynomial 7.0 / -; backward four rows at a
 # time - / 10.9; the relative-term tail's lane sums in bulk - / 10.7; forward four rows at a
-# time 6.1 / -. Tried and dropped: one fused pass per row in backward (register pressure:
-# 16.0 ms against 10.8 for the passes), two rows at a time (forward 8.1, backward 11.5).
+# time 6.1 / -; stack arrays of vectors naturally aligned (they were aligned to 4 bytes, so
+# whether a vector split two cache lines depended on the process's stack address: the forward
+# took 6.0 or 8.1 ms from one run to the next) 5.4 / 9.3. Tried and dropped: one fused pass
+# per row in backward (register pressure: 16.0 ms against 10.8 for the passes), two rows at a
+# time (forward 8.1, backward 11.5), the backward in chunks of 16 key vectors to keep P, dS
+# and the slices of k, v, dk, dv in L1 (10.1 against 9.5).
 _FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC")
+
 
 def _signatures(scalar: Any) -> tuple[list[Any], list[Any]]:
     """ctypes argument types of aa_fwd and aa_bwd for a variant of C type ``scalar``."""

@@ -21,7 +21,7 @@ the formula in forward and backward:
   :func:`relative_attention`).
 * ``"fused"``: CPU only, a small C kernel (:mod:`aanas.ops._fused_cpu`, built once per machine)
   that does the whole softmax attention four query rows at a time in cache, forward and
-  backward; no ``(HW)^2`` tensor at all. The default for CPU training where it builds (2.6x the
+  backward; no ``(HW)^2`` tensor at all. The default for CPU training where it builds (3.5x the
   chunked path's speed at AA-ResNet-50's 28x28 layers, forward + backward, one thread); the
   chunked path is its fallback.
 * ``"sdpa"``: ``F.scaled_dot_product_attention`` with the relative logits as an additive mask.
