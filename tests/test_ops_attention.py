@@ -768,6 +768,19 @@ def test_fused_reads_qkv_slices_and_other_layouts() -> None:
             torch.testing.assert_close(g, e, rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("impl", ["simple", "chunked", "fused"])
+def test_mixed_dtypes_are_refused(impl: str) -> None:
+    """float64 tables with float32 maps: one clear error on every path (the fused kernel would
+    read everything as q's dtype, the chunked path failed inside a matmul)."""
+    q, k, v, rel_w, rel_h = _core_inputs(1, 2, 3, 2, 4, 5)
+    with pytest.raises(ValueError, match="key_rel_w must have q's dtype torch.float32"):
+        relative_attention(q, k, v, 2, rel_w.double(), rel_h.double(), impl=impl)
+    with pytest.raises(ValueError, match="v must have q's dtype torch.float32"):
+        relative_attention(q, k, v.double(), 2, rel_w, rel_h, impl=impl)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts: allowed
+        relative_attention(q.bfloat16(), k, v, 2, rel_w, rel_h, impl=impl)
+
+
 def test_fused_narrow_vectors_match_simple(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The kernel as a machine without AVX-512 or AVX2 builds it (16-byte vectors: the generic
     2^x and lane sums over 4 and 2 lanes instead of 16 and 8) gives the same results."""

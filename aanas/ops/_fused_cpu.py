@@ -897,6 +897,8 @@ def fused_relative_attention(
     Returns:
         ``(B, heads * dvh, H, W)``, or None.
     """
+    if any(t is not None and t.dtype != q.dtype for t in (k, v, t_h, t_w)):
+        raise ValueError("the fused kernel needs q, k, v and the tables in one dtype")
     tables = [None if t is None else t.contiguous() for t in (t_h, t_w)]
     try:
         out: Tensor = _FusedRelAttention.apply(q, k, v, *tables, heads)

@@ -553,6 +553,12 @@ def relative_attention(
             f"impl='fused' needs float32/float64 CPU tensors (or CPU autocast), got {q.dtype} "
             f"on {q.device}"
         )
+    autocast = torch.amp.is_autocast_available(q.device.type) and torch.is_autocast_enabled(
+        q.device.type
+    )
+    for name, t in (("k", k), ("v", v), ("key_rel_w", key_rel_w), ("key_rel_h", key_rel_h)):
+        if t is not None and t.dtype != q.dtype and not autocast:
+            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
     dkh = dk // num_heads
     if key_rel_w is not None and key_rel_h is not None:
         for name, table in (("key_rel_w", key_rel_w), ("key_rel_h", key_rel_h)):
