@@ -749,6 +749,20 @@ def test_fused_float32_shapes_match_simple(dkh: int, dvh: int, h: int, w: int) -
         torch.testing.assert_close(g, e, rtol=1e-5, atol=3e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("h", "w"), [(8, 8), (16, 16), (3, 32), (32, 4)])
+def test_fused_unpadded_sizes_match_simple(dtype: torch.dtype, h: int, w: int) -> None:
+    """Maps whose width or height is a whole number of vectors (CIFAR's 32, 16, 8): the
+    tables get no padding, and must still reach the kernel contiguous (zero padding handed
+    back the transposed view, read as if contiguous: wrong logits)."""
+    inputs = [t.detach().to(dtype).requires_grad_() for t in _core_inputs(2, 2, 3, 2, h, w)]
+    expected = _core_out_and_grads(inputs, 2, "simple")
+    got = _core_out_and_grads(inputs, 2, "fused")
+    tol = 3e-5 if dtype == torch.float32 else 1e-10
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e.to(dtype), rtol=tol, atol=tol)
+
+
 def test_fused_reads_qkv_slices_and_other_layouts() -> None:
     """q, k, v as channel slices of one qkv tensor (read in place, batch stride of the whole)
     and in channels-last layout (copied first) give the simple path's outputs and gradients."""
@@ -793,11 +807,13 @@ def test_fused_narrow_vectors_match_simple(tmp_path: Path, monkeypatch: pytest.M
         assert _fused_cpu._library() is not None
         assert _fused_cpu._library()[1] == {"f32": 4, "f32h": 2, "f64": 2}
         for dtype, tol in ((torch.float32, 3e-5), (torch.float64, 1e-10)):
-            inputs = [t.detach().to(dtype).requires_grad_() for t in _core_inputs(2, 2, 3, 2, 5, 7)]
-            expected = _core_out_and_grads(inputs, 2, "simple")
-            got = _core_out_and_grads(inputs, 2, "fused")
-            for g, e in zip(got, expected, strict=True):
-                torch.testing.assert_close(g, e.to(dtype), rtol=tol, atol=tol)
+            for h, w in ((5, 7), (4, 8)):  # padded rows; rows of whole vectors, no padding
+                core = _core_inputs(2, 2, 3, 2, h, w)
+                inputs = [t.detach().to(dtype).requires_grad_() for t in core]
+                expected = _core_out_and_grads(inputs, 2, "simple")
+                got = _core_out_and_grads(inputs, 2, "fused")
+                for g, e in zip(got, expected, strict=True):
+                    torch.testing.assert_close(g, e.to(dtype), rtol=tol, atol=tol)
     finally:
         monkeypatch.undo()
         _fused_cpu._library.cache_clear()

@@ -802,6 +802,16 @@ def _channel_major(t: Tensor) -> Tensor:
     return t if t.stride()[1:] == (h * w, w, 1) else t.contiguous()
 
 
+def _table(table: Tensor | None, d: int, size: int, padded: int, like: Tensor) -> Tensor:
+    """A relative table as the kernel reads it: transposed to ``(d, 2L - 1)`` (rows along
+    contiguous memory), zero-padded by ``padded - L`` columns for whole-vector reads, and
+    contiguous (``F.pad`` by zero columns hands back the transposed view itself); zeros
+    without relative logits."""
+    if table is None:
+        return like.new_zeros(d, 2 * size - 1 + padded - size)
+    return F.pad(table.t(), (0, padded - size)).contiguous()
+
+
 class _FusedRelAttention(torch.autograd.Function):
     """Autograd wrapper of the C kernel: inputs ``q, k, v`` (B, heads * d | d | c, H, W) and
     the tables ``t_h, t_w``; output (B, heads * c, H, W).
@@ -832,10 +842,7 @@ class _FusedRelAttention(torch.autograd.Function):
         suffix, wp = _variant(lanes, q.dtype, w)
         hp = -(-h // lanes[suffix]) * lanes[suffix]
         rel = t_h is not None and t_w is not None
-        # Transposed tables (d, 2L - 1): the kernel reads them along contiguous rows, zero-padded
-        # by (padded L) - L columns for whole-vector reads.
-        th = F.pad(t_h.t(), (0, hp - h)) if t_h is not None else q.new_zeros(d, 2 * h - 1 + hp - h)
-        tw = F.pad(t_w.t(), (0, wp - w)) if t_w is not None else q.new_zeros(d, 2 * w - 1 + wp - w)
+        th, tw = _table(t_h, d, h, hp, q), _table(t_w, d, w, wp, q)
         kp, vp = q.new_empty(bn, d, h * wp), q.new_empty(bn, c, h * wp)
         out = q.new_empty(b, heads * c, h, w)  # = (BN, c, HW)
         lse = q.new_empty(bn, h * w)
