@@ -553,8 +553,10 @@ def relative_attention(
             f"impl='fused' needs float32/float64 CPU tensors (or CPU autocast), got {q.dtype} "
             f"on {q.device}"
         )
-    autocast = torch.amp.is_autocast_available(q.device.type) and torch.is_autocast_enabled(
-        q.device.type
+    device_type = q.device.type
+    # The meta device (shape-only cost counting) has no autocast, and asking raises.
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(
+        device_type
     )
     for name, t in (("k", k), ("v", v), ("key_rel_w", key_rel_w), ("key_rel_h", key_rel_h)):
         if t is not None and t.dtype != q.dtype and not autocast:
@@ -565,9 +567,7 @@ def relative_attention(
             if table.dim() != 2 or table.shape[1] != dkh:
                 raise ValueError(f"{name} must be (2*max - 1, dk/Nh={dkh}), got {table.shape}")
 
-    device_type = q.device.type
-    # The meta device (shape-only cost counting) has no autocast, and asking raises.
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    if autocast:
         # Float32 inside autocast: fp16 logits overflow, and a custom backward must not mix
         # dtypes (the float32 tables against bfloat16 q failed before this).
         with torch.autocast(device_type, enabled=False):
@@ -608,11 +608,10 @@ def _relative_attention(
         impl = "chunked"  # _fused_cpu warned once why
     if impl == "fused" and hw > _fused_cpu.MAX_POSITIONS:
         impl = "chunked"  # 2**28 logits per head and image: the chunked path bounds memory
+    t_h = t_w = None  # the central table rows, (2H - 1, dkh) and (2W - 1, dkh)
+    if impl in ("fused", "chunked") and key_rel_w is not None and key_rel_h is not None:
+        t_h, t_w = central_rel_rows(key_rel_h, h), central_rel_rows(key_rel_w, w)
     if impl == "fused":
-        t_h = t_w = None
-        if key_rel_w is not None and key_rel_h is not None:
-            t_h = central_rel_rows(key_rel_h, h)  # (2H - 1, dkh)
-            t_w = central_rel_rows(key_rel_w, w)  # (2W - 1, dkh)
         # The kernel reads the heads from q, k, v where they are and scales q itself.
         out_f = _fused_cpu.fused_relative_attention(q, k, v, t_h, t_w, num_heads)
         if out_f is not None:
@@ -625,10 +624,6 @@ def _relative_attention(
     vt = v.reshape(-1, dvh, hw)  # (BN, dvh, HW)
     if impl == "chunked":
         rows = chunk_rows or _auto_chunk_rows(b, num_heads, h, w, q.is_cuda)
-        t_h = t_w = None
-        if key_rel_w is not None and key_rel_h is not None:
-            t_h = central_rel_rows(key_rel_h, h)  # (2H - 1, dkh)
-            t_w = central_rel_rows(key_rel_w, w)  # (2W - 1, dkh)
         out_t: Tensor = _ChunkedRelAttention.apply(
             qt.contiguous(), kt.contiguous(), vt.contiguous(), t_h, t_w, w, min(rows, h)
         )  # (BN, dvh, HW)
