@@ -104,6 +104,13 @@ static inline vec_SUFFIX vmax_SUFFIX(vec_SUFFIX a, vec_SUFFIX b) {
   return (vec_SUFFIX)(((ivec_SUFFIX)a & m) | ((ivec_SUFFIX)b & ~m));
 }
 
+/* Head n = (batch n / heads, head n % heads) of a (B, heads * ch, H, W) map with whole channel
+   maps contiguous and batch stride sb: its ch channels, contiguous from here. */
+static inline const scalar_t* head_SUFFIX(const scalar_t* base, long sb, long heads, long ch,
+                                          long hw, long n) {
+  return base + (n / heads) * sb + (n % heads) * ch * hw;
+}
+
 static inline scalar_t hmax_SUFFIX(vec_SUFFIX a) {
   scalar_t m = a[0];
   for (int l = 1; l < VL; ++l) m = a[l] > m ? a[l] : m;
@@ -324,7 +331,7 @@ static inline __attribute__((always_inline)) void fwd_rows_SUFFIX(
 static int pad_rows_SUFFIX(const scalar_t* restrict src, long sb, long heads, long ch, long h,
                            long w, long wp, long n, scalar_t* restrict dst) {
   const long hw = h * w, hwp = h * wp;
-  const scalar_t* s = src + (n / heads) * sb + (n % heads) * ch * hw;
+  const scalar_t* s = head_SUFFIX(src, sb, heads, ch, hw, n);
   scalar_t* o = dst + n * ch * hwp;
   int bad = 0;
   for (long t = 0; t < ch; ++t)
@@ -340,10 +347,11 @@ static int pad_rows_SUFFIX(const scalar_t* restrict src, long sb, long heads, lo
   return bad;
 }
 
-static int finite_SUFFIX(const scalar_t* restrict x, long n) {
+/* 1 if any of the n values is not finite (pad_rows' convention). */
+static int nonfinite_SUFFIX(const scalar_t* restrict x, long n) {
   int bad = 0;
   for (long i = 0; i < n; ++i) bad |= !isfinite(x[i]);
-  return !bad;
+  return bad;
 }
 
 /* q, k, v: (B, heads * d | d | c, H, W) channel-major views with batch strides qsb, ksb, vsb
@@ -359,14 +367,13 @@ int aa_fwd_SUFFIX(const scalar_t* restrict q, const scalar_t* restrict k,
                   long c, long h, long w, long wp, long thl, long twl, long qsb, long ksb,
                   long vsb, scalar_t scale, int rel, int nt) {
   const long hw = h * w, hwp = h * wp, nb = hwp / VL, ng = (hw + 3) / 4;
-  if (rel && !(finite_SUFFIX(th, d * thl) && finite_SUFFIX(tw, d * twl))) return 1;
+  if (rel && (nonfinite_SUFFIX(th, d * thl) || nonfinite_SUFFIX(tw, d * twl))) return 1;
   int bad = 0;
   #pragma omp parallel for num_threads(nt) schedule(static) reduction(| : bad)
   for (long n = 0; n < bn; ++n) {
     bad |= pad_rows_SUFFIX(k, ksb, heads, d, h, w, wp, n, kp);
     bad |= pad_rows_SUFFIX(v, vsb, heads, c, h, w, wp, n, vp);
-    for (long t = 0; t < d; ++t)
-      bad |= !finite_SUFFIX(q + (n / heads) * qsb + ((n % heads) * d + t) * hw, hw);
+    bad |= nonfinite_SUFFIX(head_SUFFIX(q, qsb, heads, d, hw, n), d * hw);
   }
   if (bad) return 1;
   const scalar_t qscale = scale * (scalar_t)BASE2_SCALE;
@@ -376,7 +383,7 @@ int aa_fwd_SUFFIX(const scalar_t* restrict q, const scalar_t* restrict k,
     #pragma omp for schedule(dynamic, 4)
     for (long r = 0; r < bn * ng; ++r) {
       const long n = r / ng, i0 = (r % ng) * 4;
-      const scalar_t* qn = q + (n / heads) * qsb + (n % heads) * d * hw;
+      const scalar_t* qn = head_SUFFIX(q, qsb, heads, d, hw, n);
 #define FWD_ROWS_SUFFIX(Q, i)                                                               \
       fwd_rows_SUFFIX(Q, i, qn, kp + n * d * hwp, vp + n * c * hwp, th, tw,                 \
                       out + n * c * hw, lse + n * hw, d, c, h, w, wp, thl, twl, qscale,     \
@@ -548,7 +555,7 @@ void aa_bwd_SUFFIX(const scalar_t* restrict q, const scalar_t* restrict kp,
       memset(dkp, 0, (d + c) * hwp * sizeof(scalar_t));
       if (rel) memset(gt, 0, d * (thl + twl) * sizeof(scalar_t));
 #define BWD_ROWS_SUFFIX(Q, i0)                                                              \
-      bwd_rows_SUFFIX(Q, i0, q + (n / heads) * qsb + (n % heads) * d * hw, kp + n * d * hwp, \
+      bwd_rows_SUFFIX(Q, i0, head_SUFFIX(q, qsb, heads, d, hw, n), kp + n * d * hwp,         \
                       vp + n * c * hwp, th, tw, lse + n * hw, dout + n * c * hw,            \
                       out + n * c * hw, dq + n * d * hw, dkp, dvp, gt, gt + d * thl, d, c,  \
                       h, w, wp, thl, twl, scale, rel, p, ds)
@@ -642,11 +649,16 @@ def _variants(vector_bytes: int) -> dict[str, tuple[str, str, int, str, str]]:
     }
 
 
+def _lanes(scalar: str, nbytes: int) -> int:
+    """Lanes of a vector of ``nbytes`` of C ``scalar`` (float or double)."""
+    return nbytes // (4 if scalar == "float" else 8)
+
+
 def _source(vector_bytes: int) -> str:
     """The C source: every variant's vector helpers, exp and body."""
     parts = [_HEADER]
     for suffix, (scalar, itype, nbytes, exp_body, log) in _variants(vector_bytes).items():
-        lanes = nbytes // (4 if scalar == "float" else 8)
+        lanes = _lanes(scalar, nbytes)
         for text in (_VECTOR, _lane_sums(lanes), exp_body, _BODY):
             parts.append(
                 text.replace("itype_t", itype)
@@ -745,7 +757,7 @@ def _build() -> tuple[ctypes.CDLL, dict[str, int]]:
         getattr(lib, f"aa_fwd_{suffix}").restype = ctypes.c_int
         getattr(lib, f"aa_bwd_{suffix}").argtypes = bwd
         getattr(lib, f"aa_bwd_{suffix}").restype = None
-        lanes[suffix] = nbytes // (4 if scalar == "float" else 8)
+        lanes[suffix] = _lanes(scalar, nbytes)
     return lib, lanes
 
 
@@ -773,22 +785,17 @@ def _ptr(t: Tensor) -> int:
     return int(t.data_ptr())
 
 
-def _variant(lanes: dict[str, int], dtype: torch.dtype, w: int) -> tuple[str, int]:
-    """The kernel variant for ``dtype`` and map width ``w``, and the padded width ``WP``: for
-    float32 the full or the half vector, whichever pads less (full on a tie)."""
+def _round_up(n: int, lanes: int) -> int:
+    """``n`` rounded up to whole vectors of ``lanes``: a padded map side (WP, HP)."""
+    return -(-n // lanes) * lanes
 
-    def padded(suffix: str) -> int:
-        return -(-w // lanes[suffix]) * lanes[suffix]
 
+def _variant(lanes: dict[str, int], dtype: torch.dtype, w: int) -> str:
+    """The kernel variant for ``dtype`` and map width ``w``: for float32 the full or the half
+    vector, whichever pads the rows less (full on a tie)."""
     if dtype == torch.float64:
-        return "f64", padded("f64")
-    return min(("f32", "f32h"), key=padded), min(padded("f32"), padded("f32h"))
-
-
-def _pad_rows(t: Tensor, w: int, wp: int) -> Tensor:
-    """``(BN, C, H * W)`` -> ``(BN, C, H * WP)``, each row of W positions zero-padded to WP."""
-    bn, ch, hw = t.shape
-    return F.pad(t.reshape(bn, ch, hw // w, w), (0, wp - w)).reshape(bn, ch, -1)
+        return "f64"
+    return min(("f32", "f32h"), key=lambda suffix: _round_up(w, lanes[suffix]))
 
 
 class _NonFinite(Exception):
@@ -839,8 +846,8 @@ class _FusedRelAttention(torch.autograd.Function):
         q, k, v = (_channel_major(t) for t in (q, k, v))
         b, _, h, w = q.shape
         bn, d, c = b * heads, q.shape[1] // heads, v.shape[1] // heads
-        suffix, wp = _variant(lanes, q.dtype, w)
-        hp = -(-h // lanes[suffix]) * lanes[suffix]
+        suffix = _variant(lanes, q.dtype, w)
+        wp, hp = _round_up(w, lanes[suffix]), _round_up(h, lanes[suffix])
         rel = t_h is not None and t_w is not None
         th, tw = _table(t_h, d, h, hp, q), _table(t_w, d, w, wp, q)
         kp, vp = q.new_empty(bn, d, h * wp), q.new_empty(bn, c, h * wp)
@@ -906,9 +913,8 @@ def fused_relative_attention(
     """
     if any(t is not None and t.dtype != q.dtype for t in (k, v, t_h, t_w)):
         raise ValueError("the fused kernel needs q, k, v and the tables in one dtype")
-    tables = [None if t is None else t.contiguous() for t in (t_h, t_w)]
     try:
-        out: Tensor = _FusedRelAttention.apply(q, k, v, *tables, heads)
+        out: Tensor = _FusedRelAttention.apply(q, k, v, t_h, t_w, heads)
     except _NonFinite:
         return None
     return out
