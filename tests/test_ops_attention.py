@@ -699,12 +699,14 @@ def test_flex_needs_cuda() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _core_inputs(b: int, heads: int, dkh: int, dvh: int, h: int, w: int) -> list[Tensor]:
+def _core_inputs(
+    b: int, heads: int, dkh: int, dvh: int, h: int, w: int, dtype: torch.dtype = torch.float32
+) -> list[Tensor]:
     torch.manual_seed(4)
-    q, k = (torch.randn(b, heads * dkh, h, w, requires_grad=True) for _ in range(2))
-    v = torch.randn(b, heads * dvh, h, w, requires_grad=True)
-    rel_w, rel_h = (torch.randn(2 * n + 1, dkh, requires_grad=True) for n in (w, h))
-    return [q, k, v, rel_w, rel_h]
+    q, k = (torch.randn(b, heads * dkh, h, w) for _ in range(2))
+    v = torch.randn(b, heads * dvh, h, w)
+    rel_w, rel_h = (torch.randn(2 * n + 1, dkh) for n in (w, h))
+    return [t.to(dtype).requires_grad_() for t in (q, k, v, rel_w, rel_h)]
 
 
 def _core_out_and_grads(inputs: list[Tensor], heads: int, impl: str) -> list[Tensor]:
@@ -712,6 +714,14 @@ def _core_out_and_grads(inputs: list[Tensor], heads: int, impl: str) -> list[Ten
     out = relative_attention(q, k, v, heads, rel_w, rel_h, impl=impl)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
     return [out, *torch.autograd.grad(out, inputs, grad)]
+
+
+def _assert_fused_equals_simple(inputs: list[Tensor], heads: int, rtol: float, atol: float) -> None:
+    """Output and every input gradient of the fused kernel equal the simple path's."""
+    expected = _core_out_and_grads(inputs, heads, "simple")
+    got = _core_out_and_grads(inputs, heads, "fused")
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=rtol, atol=atol)
 
 
 def test_fused_kernel_is_built_here() -> None:
@@ -725,11 +735,7 @@ def test_fused_kernel_is_built_here() -> None:
 def test_fused_float32_odd_sizes_match_simple() -> None:
     """Thin heads as in AA-ResNet-50 (dk/Nh = 3, dv/Nh = 2), odd sizes that no vector width
     divides, float32 (the vectorised exp): equal to the simple path."""
-    inputs = _core_inputs(2, 4, 3, 2, 11, 13)
-    expected = _core_out_and_grads(inputs, 4, "simple")
-    got = _core_out_and_grads(inputs, 4, "fused")
-    for g, e in zip(got, expected, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=2e-5)
+    _assert_fused_equals_simple(_core_inputs(2, 4, 3, 2, 11, 13), 4, rtol=1e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize(
@@ -742,11 +748,7 @@ def test_fused_float32_odd_sizes_match_simple() -> None:
 )
 def test_fused_float32_shapes_match_simple(dkh: int, dvh: int, h: int, w: int) -> None:
     """Padded rows, row groups and their remainders, channel groups, both vector widths."""
-    inputs = _core_inputs(1, 2, dkh, dvh, h, w)
-    expected = _core_out_and_grads(inputs, 2, "simple")
-    got = _core_out_and_grads(inputs, 2, "fused")
-    for g, e in zip(got, expected, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=3e-5)
+    _assert_fused_equals_simple(_core_inputs(1, 2, dkh, dvh, h, w), 2, rtol=1e-5, atol=3e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -755,12 +757,8 @@ def test_fused_unpadded_sizes_match_simple(dtype: torch.dtype, h: int, w: int) -
     """Maps whose width or height is a whole number of vectors (CIFAR's 32, 16, 8): the
     tables get no padding, and must still reach the kernel contiguous (zero padding handed
     back the transposed view, read as if contiguous: wrong logits)."""
-    inputs = [t.detach().to(dtype).requires_grad_() for t in _core_inputs(2, 2, 3, 2, h, w)]
-    expected = _core_out_and_grads(inputs, 2, "simple")
-    got = _core_out_and_grads(inputs, 2, "fused")
     tol = 3e-5 if dtype == torch.float32 else 1e-10
-    for g, e in zip(got, expected, strict=True):
-        torch.testing.assert_close(g, e.to(dtype), rtol=tol, atol=tol)
+    _assert_fused_equals_simple(_core_inputs(2, 2, 3, 2, h, w, dtype), 2, rtol=tol, atol=tol)
 
 
 def test_fused_reads_qkv_slices_and_other_layouts() -> None:
@@ -808,12 +806,8 @@ def test_fused_narrow_vectors_match_simple(tmp_path: Path, monkeypatch: pytest.M
         assert _fused_cpu._library()[1] == {"f32": 4, "f32h": 2, "f64": 2}
         for dtype, tol in ((torch.float32, 3e-5), (torch.float64, 1e-10)):
             for h, w in ((5, 7), (4, 8)):  # padded rows; rows of whole vectors, no padding
-                core = _core_inputs(2, 2, 3, 2, h, w)
-                inputs = [t.detach().to(dtype).requires_grad_() for t in core]
-                expected = _core_out_and_grads(inputs, 2, "simple")
-                got = _core_out_and_grads(inputs, 2, "fused")
-                for g, e in zip(got, expected, strict=True):
-                    torch.testing.assert_close(g, e.to(dtype), rtol=tol, atol=tol)
+                inputs = _core_inputs(2, 2, 3, 2, h, w, dtype)
+                _assert_fused_equals_simple(inputs, 2, rtol=tol, atol=tol)
     finally:
         monkeypatch.undo()
         _fused_cpu._library.cache_clear()
